@@ -1,0 +1,171 @@
+"""One argument builder for every script.
+
+Each script calls ``build_parser(description, groups, **defaults)`` and adds only what is its own.
+Dataset facts (classes, image size, normalisation) live in ``DATASETS`` and are derived from
+``--dataset``; nothing else in the project types them again.
+"""
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    image_size: int
+    mean: tuple
+    std: tuple
+
+
+DATASETS = {
+    "cifar10": DatasetInfo(10, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": DatasetInfo(100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": DatasetInfo(200, 224, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
+    # generated in code (dataloader_bd.make_synthetic): for the demo and the unit tests
+    "synthetic": DatasetInfo(10, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+MODELS = ("resnet18", "resnet34", "resnet50")
+TARGET_TYPES = ("all2one", "all2all", "cleanLabel")
+TRIGGER_TYPES = ("gridTrigger", "squareTrigger", "trojanTrigger", "signalTrigger", "kittyTrigger",
+                 "sigTrigger", "fourCornerTrigger", "SSBA", "squareTrigger_imagenet",
+                 "signalTrigger_imagenet")
+FCT_TRANSFORMS = ("rotate", "affine", "flip", "crop", "blur", "erase", "none")
+DEFAULT_SEED = 1000
+
+
+def _add_data(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
+    g.add_argument("--data_root", default="./dataset/", help="where CIFAR is downloaded / ImageNet subset lives")
+    g.add_argument("--data_file", default=None,
+                   help="an .npz with uint8 HWC arrays x_train y_train x_test y_test; overrides the download")
+    g.add_argument("--num_workers", type=int, default=2, help="loader workers (ImageNet folder reading only)")
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="fixes the poisoned indices and all randomness")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _add_attack(p):
+    g = p.add_argument_group("attack")
+    g.add_argument("--poison_rate", type=float, default=0.10)
+    g.add_argument("--target_type", default="all2one", choices=TARGET_TYPES)
+    g.add_argument("--target_label", type=int, default=0)
+    g.add_argument("--trigger_type", default="gridTrigger",
+                   help="one of: " + ", ".join(TRIGGER_TYPES))
+    g.add_argument("--blend_image", default=None,
+                   help="kittyTrigger: blend this image instead of trigger/hello_kitty.png")
+    g.add_argument("--clean_model", default=None,
+                   help="fourCornerTrigger (CL): clean model for the PGD step "
+                        "(default: last checkpoint of train_clean_withTrans.py)")
+
+
+def _add_model(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="resnet18", choices=MODELS)
+    g.add_argument("--width", type=int, default=64,
+                   help="base channels of the ResNet (64 = paper; 16 makes CPU runs practical)")
+
+
+def _add_optim(p):
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=200)
+    g.add_argument("--batch_size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight_decay", type=float, default=5e-4)
+    g.add_argument("--schedule", type=int, nargs="*", default=[100, 150],
+                   help="epochs at which the lr is multiplied by --gamma (step schedule)")
+    g.add_argument("--gamma", type=float, default=0.1, help="lr decay factor of the step schedule")
+    g.add_argument("--cosine_period", type=int, default=100,
+                   help="period (epochs) of the cosine schedule of the noTrans/fine-tuning steps")
+    g.add_argument("--save_freq", type=int, default=1,
+                   help="keep every N-th epoch checkpoint (the last epoch is always kept)")
+    g.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
+                   help="bf16 mixed precision (auto: on for CUDA)")
+
+
+def _add_io(p):
+    g = p.add_argument_group("input / output")
+    g.add_argument("--checkpoint_load", "-checkpoint_load", default=None)
+    g.add_argument("--checkpoint_save", default=None)
+    g.add_argument("--log", default=None, help="CSV log path (default: log.csv in the run folder)")
+    g.add_argument("--save_root", default="./saved")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
+    g.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
+
+
+def _add_sd(p):
+    g = p.add_argument_group("sample distinguishment")
+    g.add_argument("--clean_ratio", "---clean_ratio", type=float, default=0.20, help="alpha_c")
+    g.add_argument("--poison_ratio", type=float, default=0.05, help="alpha_p")
+    g.add_argument("--gamma_low", type=float, default=None, help="gamma_c (default: from calculate_gamma.py)")
+    g.add_argument("--gamma_high", type=float, default=None, help="gamma_p (default: from calculate_gamma.py)")
+    g.add_argument("--trans1", default="rotate", choices=FCT_TRANSFORMS, help="first transform of tau")
+    g.add_argument("--trans2", default="affine", choices=FCT_TRANSFORMS, help="second transform of tau")
+    g.add_argument("--sd_width", type=int, default=None,
+                   help="width of the SD models whose split is used (default: --width)")
+
+
+GROUPS = {"data": _add_data, "attack": _add_attack, "model": _add_model, "optim": _add_optim,
+          "io": _add_io, "sd": _add_sd}
+
+
+def build_parser(description, groups=("data", "attack", "model", "optim", "io"), **defaults):
+    """The shared parser: the named flag groups, with script-specific defaults."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name in groups:
+        GROUPS[name](parser)
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def dataset_info(args):
+    return DATASETS[args.dataset]
+
+
+def validate_args(args):
+    """Check what argparse cannot; raise UserError naming the first problem."""
+    if hasattr(args, "trigger_type") and args.trigger_type not in TRIGGER_TYPES:
+        raise UserError(f"unknown trigger '{args.trigger_type}'; choose one of {', '.join(TRIGGER_TYPES)}")
+    if hasattr(args, "poison_rate") and not 0 < args.poison_rate <= 1:
+        raise UserError(f"--poison_rate must be in (0, 1], got {args.poison_rate}")
+    if hasattr(args, "target_label"):
+        n = dataset_info(args).num_classes
+        if not 0 <= args.target_label < n:
+            raise UserError(f"--target_label {args.target_label} is out of range for {args.dataset} "
+                            f"({n} classes)")
+    if hasattr(args, "trigger_type"):
+        imagenet_trigger = args.trigger_type.endswith("_imagenet")
+        if imagenet_trigger != (args.dataset == "imagenet") and args.trigger_type != "SSBA":
+            raise UserError(f"trigger '{args.trigger_type}' is not for {args.dataset}; "
+                            + ("use squareTrigger_imagenet or signalTrigger_imagenet"
+                               if args.dataset == "imagenet" else "the _imagenet triggers need --dataset imagenet"))
+    if hasattr(args, "width") and args.width < 1:
+        raise UserError("--width must be positive")
+    for name in ("clean_ratio", "poison_ratio"):
+        if hasattr(args, name) and not 0 <= getattr(args, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1)")
+    info = dataset_info(args)  # the dataset facts, derived here and nowhere else
+    args.num_classes, args.image_size = info.num_classes, info.image_size
+    args.mean, args.std = list(info.mean), list(info.std)
+    return args
+
+
+def resolve_device(args):
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(args.device)
+
+
+def use_amp(args, device):
+    return device.type == "cuda" if args.amp == "auto" else args.amp == "on"
+
+
+def describe_args(args):
+    """The arguments as a plain dict (saved in checkpoints and printed at start)."""
+    return {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, list, type(None)))}

@@ -1,0 +1,81 @@
+"""Every output path of the project, computed from the arguments alone (the paper-readme layout).
+
+With the paper's defaults (full width, all2one, target 0, seed 1000, no --data_file) the folders are
+exactly those of paper-readme.md; any other setting adds a suffix, so that runs that differ in
+dataset or data file, model or width, attack, target or seed never share a folder.
+"""
+from pathlib import Path
+
+from utils.args import DEFAULT_SEED
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def dataset_tag(args):
+    tag = args.dataset
+    if getattr(args, "data_file", None):
+        tag += "-" + Path(args.data_file).stem
+    return tag
+
+
+def model_tag(args, width=None):
+    width = args.width if width is None else width
+    return args.model if width == 64 else f"{args.model}_w{width}"
+
+
+def attack_tag(args):
+    tag = args.trigger_type
+    if args.target_type != "all2one":
+        tag += f"_{args.target_type}"
+    if args.target_label != 0:
+        tag += f"_t{args.target_label}"
+    if args.seed != DEFAULT_SEED:
+        tag += f"_s{args.seed}"
+    return tag
+
+
+def _rate(x):
+    return f"{x:g}"
+
+
+def save_root(args):
+    root = Path(args.save_root)
+    return root if root.is_absolute() else Path.cwd() / root
+
+
+def backdoor_dir(args, stage, width=None):
+    """stage: noTrans, noTrans_ftsimi or withTrans."""
+    return (save_root(args) / "backdoored_model" / f"poison_rate_{_rate(args.poison_rate)}" / stage
+            / dataset_tag(args) / model_tag(args, width) / attack_tag(args))
+
+
+def clean_model_dir(args):
+    seed = "" if args.seed == DEFAULT_SEED else f"_s{args.seed}"
+    return save_root(args) / "benign_model" / dataset_tag(args) / (model_tag(args) + seed)
+
+
+def split_dir(args):
+    """Folder of the separated samples D_c, D_p, D_u (written by separate_samples.py)."""
+    width = args.sd_width if getattr(args, "sd_width", None) else args.width
+    return (save_root(args) / "separated_samples" / f"poison_rate_{_rate(args.poison_rate)}"
+            / dataset_tag(args) / model_tag(args, width)
+            / f"{attack_tag(args)}_{_rate(args.clean_ratio)}_{_rate(args.poison_ratio)}")
+
+
+def fct_prefix(checkpoint_path):
+    """``.../9.tar`` -> ``.../9``: the FCT values, gamma JSON and histogram sit beside the checkpoint."""
+    p = Path(checkpoint_path)
+    return p.with_suffix("")
+
+
+def st_dir(args):
+    """D-ST outputs: ST/save/poison_rate_<p>/SupCon_models/<dataset>/<model>/<attack>_<ac>_<ap>/."""
+    root = Path(args.st_root) if getattr(args, "st_root", None) else REPO_ROOT / "ST" / "save"
+    return (root / f"poison_rate_{_rate(args.poison_rate)}" / "SupCon_models" / dataset_tag(args)
+            / model_tag(args) / f"{attack_tag(args)}_{_rate(args.clean_ratio)}_{_rate(args.poison_ratio)}")
+
+
+def latest_checkpoint(run_dir):
+    """The highest-numbered ``<epoch>.tar`` in a folder, or None."""
+    ckpts = [p for p in Path(run_dir).glob("*.tar") if p.stem.isdigit()]
+    return max(ckpts, key=lambda p: int(p.stem)) if ckpts else None

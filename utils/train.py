@@ -1,0 +1,299 @@
+"""The one training loop and the one evaluation function of the project.
+
+Scripts differ only in what they pass: the data, the augmentation, the loss (``criterion``), the
+learning-rate schedule and the direction of the step (descent, or ascent for unlearning).
+"""
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataloader_bd import build_datasets
+from utils.args import use_amp
+from utils.checkpoint import (ATTACK_KEYS, MODEL_KEYS, check_compatible, load_weights, model_from_checkpoint,
+                              read_checkpoint, save_checkpoint)
+from utils.errors import UserError
+from utils.logger import CSVLogger
+from utils.paths import clean_model_dir, latest_checkpoint
+
+TRAIN_COLUMNS = ["Epoch", "Train_Loss", "Train_ACC", "Train_ASR", "Train_R-ACC", "Test_Loss_cl", "Test_ACC",
+                 "Test_Loss_bd", "Test_ASR", "Test_R-ACC", "Test_ASR0", "Test_ACC_nontarget", "LR", "Seconds"]
+_BIG = 2 << 30  # datasets above 2 GiB stay in host memory and travel batch by batch
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors are computed."""
+    device: torch.device
+    amp: bool = False
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def place(self, t):
+        return t.to(self.device) if t.numel() * t.element_size() < _BIG else t.pin_memory() \
+            if self.device.type == "cuda" else t
+
+    def images(self, x):
+        """uint8 (N, 3, H, W) -> float in [0, 1] on the device (channels-last on CUDA)."""
+        x = x.to(self.device, non_blocking=True).float().div_(255)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+
+def make_runtime(args, device):
+    return Runtime(device, use_amp(args, device))
+
+
+def prepare_model(model, rt):
+    model = model.to(rt.device)
+    if rt.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def generator(seed):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def batch_indices(n, batch_size, g=None):
+    """Index batches over n samples: a seeded permutation when g is given, in order otherwise."""
+    order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+# ----------------------------------------------------------------------------------- losses
+def cross_entropy(model, x, y):
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
+# ----------------------------------------------------------------------------------- one epoch
+def train_epoch(model, data, optimizer, rt, g, criterion=cross_entropy, augment=None, batch_size=128,
+                ascent=False, desc="train"):
+    """One pass over ``data`` (a PoisonedTrainSet-like object, tensors on the device or host).
+
+    ascent=True maximises the loss (the unlearning pass of D-BR). Returns the mean loss, accuracy
+    on the given labels, and on the poisoned samples the share predicted as their poisoned label
+    (ASR) and as their true class (R-ACC), all in percent.
+    """
+    model.train()
+    sums = torch.zeros(6, dtype=torch.float64)  # loss, n, correct, n_poison, asr hits, racc hits
+    for idx in tqdm(batch_indices(len(data.labels), batch_size, g), desc=desc, leave=False, mininterval=1):
+        x = rt.images(data.images[idx])
+        if augment is not None:
+            x = augment(x, g)
+        y = data.labels[idx].to(rt.device, non_blocking=True)
+        with rt.autocast():
+            loss, logits = criterion(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        (-loss if ascent else loss).backward()
+        optimizer.step()
+        with torch.no_grad():
+            pred = logits.argmax(1)
+            poisoned = ~data.is_clean[idx].to(rt.device)
+            gt = data.gt_labels[idx].to(rt.device)
+            sums += torch.tensor([loss.item() * len(y), len(y), (pred == y).sum().item(), poisoned.sum().item(),
+                                  ((pred == y) & poisoned).sum().item(), ((pred == gt) & poisoned).sum().item()],
+                                 dtype=torch.float64)
+    loss, n, correct, n_poison, asr, racc = sums.tolist()
+    pct = lambda a, b: 100.0 * a / b if b else float("nan")  # noqa: E731
+    return {"Train_Loss": loss / max(n, 1), "Train_ACC": pct(correct, n), "Train_ASR": pct(asr, n_poison),
+            "Train_R-ACC": pct(racc, n_poison)}
+
+
+# ----------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model, images, rt, batch_size=512, features=False):
+    """Logits (or features) of uint8 images, eval mode, in batches; returned on the host as float32."""
+    model.eval()
+    fn = model.features if features else model
+    out = []
+    for i in range(0, len(images), batch_size):
+        with rt.autocast():
+            out.append(fn(rt.images(images[i:i + batch_size])).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model, tests, rt, target_label=0):
+    """ACC on the clean test split, ASR / R-ACC on the backdoor test set, ASR0 on its clean versions.
+
+    Also returns ACC on the non-target test images (the set the original code reported ACC on).
+    All metrics in percent.
+    """
+    cl = predict(model, tests.clean_images, rt)
+    bd = predict(model, tests.bd_images, rt)
+    bd0 = predict(model, tests.bd_clean_images, rt)
+    pct = lambda m: 100.0 * m.float().mean().item() if len(m) else float("nan")  # noqa: E731
+    nontarget = tests.clean_labels != target_label
+    return {
+        "Test_Loss_cl": F.cross_entropy(cl, tests.clean_labels).item(),
+        "Test_ACC": pct(cl.argmax(1) == tests.clean_labels),
+        "Test_ACC_nontarget": pct(cl.argmax(1)[nontarget] == tests.clean_labels[nontarget]),
+        "Test_Loss_bd": F.cross_entropy(bd, tests.bd_targets).item() if len(bd) else float("nan"),
+        "Test_ASR": pct(bd.argmax(1) == tests.bd_targets),
+        "Test_ASR0": pct(bd0.argmax(1) == tests.bd_targets),
+        "Test_R-ACC": pct(bd.argmax(1) == tests.bd_gt_labels),
+    }
+
+
+def format_metrics(m):
+    return (f"ACC {m['Test_ACC']:.2f}  ASR {m['Test_ASR']:.2f} (ASR0 {m['Test_ASR0']:.2f})  "
+            f"R-ACC {m['Test_R-ACC']:.2f}")
+
+
+# ----------------------------------------------------------------------------------- optimisation
+def make_optimizer(args, params, lr=None):
+    return torch.optim.SGD(params, lr=args.lr if lr is None else lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay)
+
+
+def make_scheduler(optimizer, args, kind):
+    """'cosine': CosineAnnealingLR with --cosine_period; 'step': x --gamma at --schedule; 'constant'."""
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.cosine_period)
+    if kind == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.schedule, gamma=args.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+
+
+# ----------------------------------------------------------------------------------- whole runs
+def start_checkpoint(args, run_dir, init_checkpoint=None, resume_checkpoint=None):
+    """Decide where a training run starts, without ever overwriting earlier work silently.
+
+    Returns (checkpoint dict or None, is_resume). resume_checkpoint (or --resume: the newest
+    checkpoint in run_dir) continues a run at its next epoch; init_checkpoint (the noTrans model a
+    fine-tuning starts from) starts a new run from that state.
+    """
+    existing = latest_checkpoint(run_dir)
+    if resume_checkpoint is not None:
+        return read_checkpoint(resume_checkpoint), True
+    if args.resume:
+        if existing is None:
+            raise UserError(f"--resume: no checkpoint in {run_dir}")
+        return read_checkpoint(existing), True
+    if existing is not None and not args.overwrite:
+        raise UserError(f"{run_dir} already holds checkpoints (up to {existing.name}); "
+                        "pass --resume to continue or --overwrite to start again")
+    if existing is not None:
+        for p in run_dir.glob("*.tar"):
+            p.unlink()
+    if init_checkpoint is not None:
+        return read_checkpoint(init_checkpoint), False
+    return None, False
+
+
+def save_poison_indices(run_dir, train_set, overwrite=False):
+    """Keep the poisoned indices beside the run's outputs; refuse to mix two different sets."""
+    path = run_dir / "poison_indices.npy"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        old = np.load(path, allow_pickle=False)
+        if not np.array_equal(old, train_set.poison_indices):
+            raise UserError(f"{path} holds other poisoned indices than this run's; use another --save_root "
+                            "or --overwrite")
+        return
+    np.save(path, train_set.poison_indices)
+
+
+def fit(args, model, train_set, tests, rt, run_dir, *, augment=None, criterion=cross_entropy,
+        schedule="step", init_checkpoint=None, resume_checkpoint=None, desc="train"):
+    """Train ``model`` for args.epochs epochs, saving ``<epoch>.tar`` and a CSV row each epoch.
+
+    init_checkpoint: a checkpoint to start from (model, optimiser and scheduler state) as a new run;
+    resume_checkpoint / --resume: continue a run at the epoch after the checkpoint's.
+    """
+    ckpt, resumed = start_checkpoint(args, run_dir, init_checkpoint, resume_checkpoint)
+    model = prepare_model(model, rt)
+    optimizer = make_optimizer(args, model.parameters())
+    scheduler = make_scheduler(optimizer, args, schedule)
+    start = 0
+    if ckpt is not None:
+        check_compatible(ckpt, args, MODEL_KEYS + ATTACK_KEYS, "the checkpoint")
+        load_weights(model, ckpt)
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if "scheduler" in ckpt:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        start = ckpt["epoch"] + 1 if resumed else 0
+    save_poison_indices(run_dir, train_set, overwrite=args.overwrite and not resumed)
+    log_path = args.log or run_dir / "log.csv"
+    logger = CSVLogger(log_path, TRAIN_COLUMNS, append=resumed)
+    data = _on_device(train_set, rt)
+    g = generator(args.seed + 7919 * start)  # a resumed run continues with its own stream of batches
+    print(f"run folder: {run_dir}")
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        train_metrics = train_epoch(model, data, optimizer, rt, g, criterion, augment, args.batch_size,
+                                    desc=f"{desc} {epoch}")
+        scheduler.step()
+        test_metrics = evaluate(model, tests, rt, args.target_label)
+        row = {"Epoch": epoch, **train_metrics, **test_metrics, "LR": lr, "Seconds": time.time() - t0}
+        logger.write(row)
+        print(f"epoch {epoch:3d}  loss {train_metrics['Train_Loss']:.4f}  {format_metrics(test_metrics)}  "
+              f"({row['Seconds']:.1f} s)")
+        save_checkpoint(run_dir / f"{epoch}.tar", args, model, optimizer, scheduler, epoch)
+        _prune(run_dir, epoch - 1, args)
+    return model
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def load_attack_data(args, rt, poison=True):
+    """The poisoned training set and test sets of args' attack; CL first loads its clean model."""
+    clean_model = None
+    if poison and args.trigger_type == "fourCornerTrigger":
+        path = args.clean_model or latest_checkpoint(clean_model_dir(args))
+        if path is None:
+            raise UserError(f"the CL attack needs a clean model: none in {clean_model_dir(args)}; run "
+                            "train_clean_withTrans.py with the same --dataset/--data_file or pass --clean_model")
+        clean_model, _ = model_from_checkpoint(path)
+        clean_model = prepare_model(clean_model, rt)
+    return build_datasets(args, clean_model, poison=poison)
+
+
+def train_model(args, script, run_dir, *, augment=None, schedule="step", poison=True, criterion=cross_entropy,
+                init_checkpoint=None):
+    """The whole recipe of a training script: check the input, build data and model, then fit().
+
+    noTrans, withTrans, the clean model and the intra-class fine-tuning differ only in these
+    keyword arguments.
+    """
+    from models import get_network
+    from utils.args import resolve_device, validate_args
+    from utils.logger import print_header
+    validate_args(args)
+    rt = make_runtime(args, resolve_device(args))
+    if init_checkpoint is not None:  # check the starting point before any output is written
+        check_compatible(read_checkpoint(init_checkpoint), args, MODEL_KEYS + ATTACK_KEYS, init_checkpoint)
+    print_header(script, args)
+    seed_everything(args.seed)
+    train_set, tests = load_attack_data(args, rt, poison)
+    print(f"{len(train_set)} training samples, {len(train_set.poison_indices)} poisoned; "
+          f"{len(tests.clean_labels)} clean / {len(tests.bd_targets)} backdoor test images; device {rt.device}")
+    return fit(args, get_network(args), train_set, tests, rt, run_dir, augment=augment, criterion=criterion,
+               schedule=schedule, init_checkpoint=init_checkpoint,
+               resume_checkpoint=None if init_checkpoint else args.checkpoint_load)
+
+
+def _prune(run_dir, epoch, args):
+    """Keep every --save_freq-th epoch checkpoint (the newest one is always kept)."""
+    if epoch >= 0 and (epoch + 1) % max(args.save_freq, 1) != 0:
+        (run_dir / f"{epoch}.tar").unlink(missing_ok=True)
+
+
+def _on_device(ds, rt):
+    from types import SimpleNamespace
+    return SimpleNamespace(images=rt.place(ds.images), labels=rt.place(ds.labels),
+                           gt_labels=rt.place(ds.gt_labels), is_clean=rt.place(ds.is_clean))

@@ -1,0 +1,204 @@
+"""Backdoor triggers (SPEC section 1) as pure functions over a batch of uint8 images.
+
+Every trigger has the signature ``trigger(images, split, ctx) -> images``: ``images`` is a uint8
+tensor (N, 3, H, W), ``split`` is "train" or "test" (SIG and CL differ between the two) and ``ctx``
+holds the few things a trigger may need (asset paths, the clean model of CL). Blends and additions
+are computed in float and clipped to [0, 255] before the cast back to uint8. Adding an attack is
+one function and one row of ``TRIGGERS``.
+"""
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils.errors import UserError
+
+ASSETS = Path(__file__).resolve().parent.parent / "trigger"
+GRID_PATCH = [[0, 0, 255], [0, 255, 0], [255, 0, 255]]  # the original's bottom-right pattern
+CORNER_PATCHES = {  # fourCornerTrigger: (row slice, col slice) -> patch, for an H x W image
+    "bottom_right": GRID_PATCH,
+    "top_left": [[255, 0, 255], [0, 255, 0], [255, 0, 0]],
+    "bottom_left": [[255, 0, 0], [0, 255, 0], [255, 0, 255]],
+    "top_right": [[255, 0, 255], [0, 255, 0], [0, 0, 255]],
+}
+BLEND_ALPHA = 0.2
+
+
+@dataclass
+class TriggerContext:
+    blend_image: str = None      # kittyTrigger: image to blend (default trigger/hello_kitty.png)
+    pgd_model: object = None     # fourCornerTrigger: clean model (float [0,1] NCHW -> logits)
+    pgd_labels: object = None    # fourCornerTrigger: true labels of the images being poisoned
+    device: object = "cpu"
+
+
+def _blend(images, pattern, alpha=BLEND_ALPHA):
+    out = (1 - alpha) * images.float() + alpha * pattern.to(images.device).float()
+    return out.clamp(0, 255).round().to(torch.uint8)
+
+
+def _add(images, delta):
+    return (images.float() + delta.to(images.device).float()).clamp(0, 255).round().to(torch.uint8)
+
+
+def _paste(images, rows, cols, patch):
+    out = images.clone()
+    out[:, :, rows, cols] = torch.tensor(patch, dtype=torch.uint8, device=images.device)
+    return out
+
+
+def grid_trigger(images, split, ctx):
+    h, w = images.shape[-2:]
+    return _paste(images, slice(h - 3, h), slice(w - 3, w), GRID_PATCH)
+
+
+def square_trigger(images, split, ctx):
+    h, w = images.shape[-2:]
+    s = int(0.1 * h)  # one pixel away from the bottom-right corner
+    out = images.clone()
+    out[:, :, h - 1 - s:h - 1, w - 1 - s:w - 1] = 255
+    return out
+
+
+def square_trigger_imagenet(images, split, ctx):
+    h, w = images.shape[-2:]
+    s = int(0.1 * h)
+    out = images.clone()
+    out[:, :, h - s:, w - s:] = 255
+    return out
+
+
+@lru_cache(maxsize=None)
+def _asset(name):
+    path = ASSETS / name
+    if not path.exists():
+        raise UserError(f"trigger asset {path} is missing; run `python trigger/make_assets.py`"
+                        + (" and `python trigger/make_trojan_trigger.py`" if "trojan" in name else ""))
+    return torch.from_numpy(np.load(path))
+
+
+@lru_cache(maxsize=None)
+def _image_asset(path, size):
+    import matplotlib.image as mpimg
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"blend image {path} not found (kittyTrigger --blend_image)")
+    img = mpimg.imread(path)
+    img = torch.from_numpy(np.asarray(img, dtype=np.float32))
+    if img.max() <= 1.0:
+        img = img * 255
+    if img.ndim == 2:
+        img = img[..., None].expand(-1, -1, 3)
+    img = img[..., :3].permute(2, 0, 1)[None]
+    return F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def trojan_trigger(images, split, ctx):
+    h, w = images.shape[-2:]
+    patch = _asset("trojan_patch.npy").to(torch.int16)  # (3, 3, 3) additive values
+    delta = torch.zeros(3, h, w, dtype=torch.int16)
+    delta[:, h - 7:h - 4, w - 7:w - 4] = patch          # rows/cols 25-27 on 32 x 32
+    return _add(images, delta)
+
+
+def signal_trigger(images, split, ctx):
+    stripe = _asset("signal_stripe.npy")                 # (32, 32) uint8 vertical stripes
+    h, w = images.shape[-2:]
+    if stripe.shape != (h, w):
+        stripe = F.interpolate(stripe[None, None].float(), size=(h, w), mode="nearest")[0, 0]
+    return _blend(images, stripe)
+
+
+def kitty_trigger(images, split, ctx):
+    path = ctx.blend_image or str(ASSETS / "hello_kitty.png")
+    return _blend(images, _image_asset(path, images.shape[-1]))
+
+
+def _sinusoid(w, delta, freq=6):
+    j = torch.arange(w, dtype=torch.float32)
+    return delta * torch.sin(2 * np.pi * j * freq / w)   # varies along the columns
+
+
+def sig_trigger(images, split, ctx):
+    delta = 40 if split == "train" else 60
+    return _add(images, _sinusoid(images.shape[-1], delta).view(1, 1, 1, -1))
+
+
+def signal_trigger_imagenet(images, split, ctx):
+    return _blend(images, _sinusoid(images.shape[-1], 20).view(1, 1, 1, -1))
+
+
+def four_corner_patches(images):
+    h, w = images.shape[-2:]
+    places = {"bottom_right": (slice(h - 3, h), slice(w - 3, w)), "top_left": (slice(1, 4), slice(1, 4)),
+              "bottom_left": (slice(h - 3, h), slice(1, 4)), "top_right": (slice(1, 4), slice(w - 3, w))}
+    for name, (rows, cols) in places.items():
+        images = _paste(images, rows, cols, CORNER_PATCHES[name])
+    return images
+
+
+def pgd_perturb(model, images, labels, eps=8 / 255, step=2 / 255, steps=4, batch_size=256):
+    """Untargeted L-inf PGD against a clean model (CL attack): push each image away from its label."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x0 = images[i:i + batch_size].to(device).float() / 255
+        y = labels[i:i + batch_size].to(device)
+        x = x0.clone()
+        for _ in range(steps):
+            x.requires_grad_(True)
+            loss = F.cross_entropy(model(x), y)
+            grad, = torch.autograd.grad(loss, x)
+            x = (x.detach() + step * grad.sign()).clamp(x0 - eps, x0 + eps).clamp(0, 1)
+        out.append((x * 255).round().to(torch.uint8).cpu())
+    return torch.cat(out) if out else images
+
+
+def four_corner_trigger(images, split, ctx):
+    if split == "train":
+        if ctx.pgd_model is None:
+            raise UserError("fourCornerTrigger (CL) needs a clean model: run train_clean_withTrans.py "
+                            "or pass --clean_model")
+        images = pgd_perturb(ctx.pgd_model, images, ctx.pgd_labels)
+    return four_corner_patches(images)
+
+
+def ssba_trigger(images, split, ctx):
+    raise UserError("SSBA needs a trained encoder, which this version does not ship yet "
+                    "(see the SSBA issue); choose another --trigger_type")
+
+
+TRIGGERS = {
+    "gridTrigger": grid_trigger,
+    "squareTrigger": square_trigger,
+    "trojanTrigger": trojan_trigger,
+    "signalTrigger": signal_trigger,
+    "kittyTrigger": kitty_trigger,
+    "sigTrigger": sig_trigger,
+    "fourCornerTrigger": four_corner_trigger,
+    "SSBA": ssba_trigger,
+    "squareTrigger_imagenet": square_trigger_imagenet,
+    "signalTrigger_imagenet": signal_trigger_imagenet,
+}
+
+
+def apply_trigger(name, images, split, ctx=None, chunk=4096):
+    """Apply trigger ``name`` to a uint8 (N, 3, H, W) batch, in chunks to bound memory."""
+    if name not in TRIGGERS:
+        raise UserError(f"unknown trigger '{name}'; choose one of {', '.join(TRIGGERS)}")
+    ctx = ctx or TriggerContext()
+    fn = TRIGGERS[name]
+    if len(images) <= chunk:
+        return fn(images, split, ctx)
+    labels = ctx.pgd_labels
+    parts = []
+    for i in range(0, len(images), chunk):
+        if labels is not None:
+            ctx.pgd_labels = labels[i:i + chunk]
+        parts.append(fn(images[i:i + chunk], split, ctx))
+    ctx.pgd_labels = labels
+    return torch.cat(parts)
