@@ -1,0 +1,47 @@
+"""SD step 3: the FCT metric Delta(x; tau, f) of every training sample (SPEC 3.3).
+
+Delta(x) = mean over feature dimensions of (f(x) - f(tau(x)))^2, f = features of the fine-tuned
+model (eval mode), tau = --trans1 then --trans2 (default: random rotation up to 180 deg, then a
+random translation up to 20 %), each sample with its own parameters drawn from --seed.
+Writes <ckpt>_all.txt, <ckpt>_clean.txt, <ckpt>_poison.txt (one value per line; overwritten) and
+<ckpt>_fct.npy (Delta by training index) next to the checkpoint.
+"""
+import numpy as np
+
+from utils.args import build_parser as shared_parser, resolve_device, validate_args
+from utils.errors import run_main
+from utils.fct import auroc, compute_fct
+from utils.logger import print_header
+from utils.paths import fct_prefix
+from utils.train import make_runtime
+
+
+def build_parser():
+    return shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), batch_size=512)
+
+
+def save_fct(prefix, values, is_clean):
+    np.savetxt(f"{prefix}_all.txt", values)
+    np.savetxt(f"{prefix}_clean.txt", values[is_clean])
+    np.savetxt(f"{prefix}_poison.txt", values[~is_clean])
+    np.save(f"{prefix}_fct.npy", values)
+
+
+def main(args):
+    validate_args(args)
+    rt = make_runtime(args, resolve_device(args))
+    print_header("calculate_consistency.py", args)
+    values, train_set, ckpt, seconds = compute_fct(args, rt, args.batch_size)
+    is_clean = train_set.is_clean.numpy()
+    prefix = fct_prefix(ckpt)
+    save_fct(prefix, values, is_clean)
+    print(f"Delta of {len(values)} samples in {seconds:.1f} s (tau = {args.trans1} + {args.trans2})")
+    print(f"median Delta: clean {np.median(values[is_clean]):.4g}, poisoned "
+          f"{np.median(values[~is_clean]) if (~is_clean).any() else float('nan'):.4g}; "
+          f"AUROC {auroc(values, ~is_clean):.4f}")
+    print(f"wrote {prefix}_all.txt, _clean.txt, _poison.txt, _fct.npy")
+    return values
+
+
+if __name__ == "__main__":
+    run_main(main, build_parser())
