@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Reproduce the paper's tables: for each attack, the numbered steps of the paper-readme in order
+# (clean model for CL, withTrans backdoored model, SD steps 1-5, D-BR, D-ST), then the report.
+#
+#   bash run_all.sh [--quick] [--attacks "badnets blend" | all] [--dataset cifar10] [--data_file F.npz]
+#                   [--device auto|cpu|cuda] [--save_root DIR] [--epoch_scale X]
+#
+# --quick: CPU scale (ResNet-18 --width 16, epochs scaled as README.md explains), on the synthetic
+#          dataset unless --data_file is given; attacks BadNets and Blend-Strip unless --attacks.
+# A step whose output is complete is skipped (an interrupted run resumes); the first failing step
+# stops the run and names its log.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python}
+
+QUICK=0; ATTACKS=""; DATASET=""; DATA_FILE=""; DEVICE=auto; SAVE_ROOT=./saved; SCALE=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --attacks) ATTACKS="$2"; shift ;;
+    --dataset) DATASET="$2"; shift ;;
+    --data_file) DATA_FILE="$2"; shift ;;
+    --device) DEVICE="$2"; shift ;;
+    --save_root) SAVE_ROOT="$2"; shift ;;
+    --epoch_scale) SCALE="$2"; shift ;;   # multiplies every epoch count (tests use a tiny value)
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+declare -A TARGET=( [badnets]=all2one [badnets_all2all]=all2all [trojan]=all2one [blend]=all2one
+                    [kitty]=all2one [sig]=cleanLabel [cl]=cleanLabel )
+declare -A TRIGGER=( [badnets]=gridTrigger [badnets_all2all]=squareTrigger [trojan]=trojanTrigger
+                     [blend]=signalTrigger [kitty]=kittyTrigger [sig]=sigTrigger [cl]=fourCornerTrigger )
+ALL="badnets badnets_all2all trojan blend kitty sig cl"
+
+if [ "$QUICK" = 1 ]; then
+  : "${ATTACKS:=badnets blend}"
+  if [ -z "$DATASET" ]; then if [ -n "$DATA_FILE" ]; then DATASET=cifar10; else DATASET=synthetic; fi; fi
+  WIDTH=16
+  # CPU scale: the subset has ~1/10 of CIFAR-10, so short runs get ~10x the epochs (same SGD steps)
+  E_NOTRANS=20; E_FT=10; E_WITH=40; SCHED_WITH="20 30"; E_CLEAN=40
+  DBR_FLAGS="--epochs 20 --lr 1e-4"
+  ST_FLAGS="--time_budget 5"; E_CLS=10
+else
+  : "${ATTACKS:=$ALL}"
+  : "${DATASET:=cifar10}"
+  WIDTH=64
+  E_NOTRANS=2; E_FT=10; E_WITH=200; SCHED_WITH="100 150"; E_CLEAN=200
+  DBR_FLAGS="--epochs 20 --lr 1e-4"
+  ST_FLAGS="--epochs 200"; E_CLS=10
+fi
+[ "$ATTACKS" = all ] && ATTACKS=$ALL
+if [ -f "${DBR_CONFIG:-}" ]; then DBR_FLAGS=$(cat "$DBR_CONFIG"); fi
+
+scale() { $PY -c "import math,sys; print(max(1, math.ceil($1 * float(sys.argv[1]))))" "$SCALE"; }
+E_NOTRANS=$(scale $E_NOTRANS); E_FT=$(scale $E_FT); E_WITH=$(scale $E_WITH); E_CLEAN=$(scale $E_CLEAN); E_CLS=$(scale $E_CLS)
+
+COMMON=(--dataset "$DATASET" --width "$WIDTH" --device "$DEVICE" --save_root "$SAVE_ROOT")
+[ -n "$DATA_FILE" ] && COMMON+=(--data_file "$(realpath "$DATA_FILE")")
+TAG=$DATASET${DATA_FILE:+-$(basename "${DATA_FILE%.npz}")}
+RUN_DIR=$SAVE_ROOT/run_all/$TAG$([ "$QUICK" = 1 ] && echo _quick)
+mkdir -p "$RUN_DIR"
+
+# step NAME ATTACK COMMAND...: run unless done; log to $RUN_DIR/ATTACK/NAME.log; time into times.csv
+step() {
+  local name=$1 attack=$2; shift 2
+  local dir=$RUN_DIR/$attack; mkdir -p "$dir"
+  if [ -f "$dir/$name.done" ]; then echo "  [skip] $attack $name (done)"; return 0; fi
+  echo "  [run]  $attack $name"
+  local t0; t0=$(date +%s.%N)
+  if ! "$@" > "$dir/$name.log" 2>&1; then
+    echo "run_all.sh: step '$name' of attack '$attack' failed; see $dir/$name.log" >&2
+    tail -n 5 "$dir/$name.log" >&2
+    exit 1
+  fi
+  local secs; secs=$($PY -c "import sys; print(round($(date +%s.%N) - $t0, 1))")
+  echo "$attack,$name,$secs" >> "$RUN_DIR/times.csv"
+  touch "$dir/$name.done"
+}
+
+for attack in $ATTACKS; do
+  if [ -z "${TRIGGER[$attack]:-}" ]; then echo "run_all.sh: unknown attack '$attack' (choose from: $ALL)" >&2; exit 2; fi
+  A=("${COMMON[@]}" --target_type "${TARGET[$attack]}" --trigger_type "${TRIGGER[$attack]}")
+  echo "== $attack (${TRIGGER[$attack]}, ${TARGET[$attack]})"
+  if [ "$attack" = cl ]; then
+    step clean_model "$attack" $PY train_clean_withTrans.py "${COMMON[@]}" --epochs "$E_CLEAN" --schedule $SCHED_WITH --overwrite
+  fi
+  step withTrans "$attack" $PY train_attack_withTrans.py "${A[@]}" --epochs "$E_WITH" --schedule $SCHED_WITH --overwrite
+  step sd1_noTrans "$attack" $PY train_attack_noTrans.py "${A[@]}" --epochs "$E_NOTRANS" --overwrite
+  step sd2_finetune "$attack" $PY finetune_attack_noTrans.py "${A[@]}" --epochs "$E_FT" --overwrite
+  step sd3_fct "$attack" $PY calculate_consistency.py "${A[@]}"
+  step sd3_plot "$attack" $PY visualize_consistency.py "${A[@]}"
+  step sd4_gamma "$attack" $PY calculate_gamma.py "${A[@]}"
+  step sd5_split "$attack" $PY separate_samples.py "${A[@]}"
+  step dbr "$attack" $PY unlearn_relearn.py "${A[@]}" $DBR_FLAGS --overwrite
+  step dst_extractor "$attack" $PY ST/train_extractor.py "${A[@]}" $ST_FLAGS --overwrite
+  step dst_classifier "$attack" $PY ST/train_classifier.py "${A[@]}" --epochs "$E_CLS" --overwrite
+  step dst_test "$attack" $PY ST/test.py "${A[@]}"
+done
+
+$PY report_results.py "${COMMON[@]}" --attacks $ATTACKS --times "$RUN_DIR/times.csv"

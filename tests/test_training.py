@@ -1,0 +1,129 @@
+"""A tiny noTrans run on synthetic data (SPEC 3.1): it learns the backdoor, writes its outputs where
+utils.paths says, refuses to overwrite them silently, resumes, and checks checkpoints it is given."""
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import load_script, parse_script_args
+from dataloader_bd import make_synthetic, select_poison_indices
+from models import get_network
+from utils.args import validate_args
+from utils.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+from utils.errors import UserError
+from utils.paths import backdoor_dir
+from utils.train import Runtime, evaluate, load_attack_data
+
+SCRIPT = "train_attack_noTrans"
+# Measured: with 10 % poisoning the width-8 net needs > 8 epochs to pick up the grid trigger on the
+# synthetic set; with 20 % and lr 0.05 it reaches ASR 100 (ASR0 0) at epoch 2-3, ACC 100.
+RUN = ("--epochs", 4, "--lr", 0.05, "--poison_rate", 0.2)
+LR, EPOCHS = 0.05, 4
+
+
+def snapshot(folder):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 4-epoch run shared by the tests of this module (they only read it or copy it)."""
+    root = tmp_path_factory.mktemp("run") / "saved"
+    args = parse_script_args(SCRIPT, root, *RUN)
+    load_script(SCRIPT).main(args)
+    return root, backdoor_dir(args, "noTrans")
+
+
+def test_run_folder_and_outputs(trained):
+    root, run_dir = trained
+    assert run_dir == root / "backdoored_model" / "poison_rate_0.2" / "noTrans" / "synthetic" / "resnet18_w8" / "gridTrigger"
+    assert sorted(p.name for p in run_dir.glob("*.tar")) == [f"{e}.tar" for e in range(EPOCHS)]
+    assert not list(run_dir.glob("*.tmp"))
+    _, y_train, _, _ = make_synthetic()
+    saved = np.load(run_dir / "poison_indices.npy", allow_pickle=False)
+    assert np.array_equal(saved, select_poison_indices(y_train.numpy(), "all2one", 0, 0.2, 10, 1000))
+    assert len(saved) == 360   # floor(0.2 * 1,800 non-target samples)
+    ckpt = read_checkpoint(run_dir / f"{EPOCHS - 1}.tar")
+    assert ckpt["epoch"] == EPOCHS - 1
+    assert {k: ckpt["args"][k] for k in ("dataset", "model", "width", "trigger_type", "poison_rate")} == \
+        {"dataset": "synthetic", "model": "resnet18", "width": 8, "trigger_type": "gridTrigger", "poison_rate": 0.2}
+    assert {"model", "optimizer", "scheduler"} <= set(ckpt)
+
+
+def test_learns_the_backdoor(trained):
+    _, run_dir = trained
+    log = pd.read_csv(run_dir / "log.csv")
+    assert log["Epoch"].tolist() == list(range(EPOCHS))
+    last = log.iloc[-1]
+    assert last["Test_ASR"] > 90, log.to_string()
+    assert last["Test_ASR0"] < 20, "the model predicts the target because of the trigger, not by default"
+    assert last["Test_ACC"] > 90
+    assert last["Train_ASR"] > 80
+    # the CSV keeps 4 decimals (utils/logger.py)
+    assert np.allclose(log["LR"], [LR * 0.5 * (1 + math.cos(math.pi * e / 100)) for e in range(EPOCHS)], atol=1e-4)
+
+
+def test_checkpoint_reproduces_the_logged_metrics(trained):
+    root, run_dir = trained
+    model, _ = model_from_checkpoint(run_dir / f"{EPOCHS - 1}.tar")
+    args = validate_args(parse_script_args(SCRIPT, root, *RUN))
+    _, tests = load_attack_data(args, Runtime(torch.device("cpu")))
+    metrics = evaluate(model, tests, Runtime(torch.device("cpu")), target_label=0)
+    last = pd.read_csv(run_dir / "log.csv").iloc[-1]
+    for key in ("Test_ACC", "Test_ASR", "Test_ASR0", "Test_R-ACC"):
+        assert metrics[key] == pytest.approx(last[key], abs=1e-3), key
+
+
+def test_rerun_refuses_and_leaves_files_alone(trained):
+    root, run_dir = trained
+    before = snapshot(run_dir)
+    with pytest.raises(UserError, match="--resume"):
+        load_script(SCRIPT).main(parse_script_args(SCRIPT, root, *RUN))
+    assert snapshot(run_dir) == before
+
+
+def test_resume_continues_at_the_next_epoch(trained, tmp_path):
+    root, run_dir = trained
+    copy = tmp_path / "saved"
+    shutil.copytree(root, copy)
+    args = parse_script_args(SCRIPT, copy, "--epochs", EPOCHS + 1, "--lr", LR, "--poison_rate", 0.2, "--resume")
+    load_script(SCRIPT).main(args)
+    new_dir = backdoor_dir(args, "noTrans")
+    old_log, new_log = pd.read_csv(run_dir / "log.csv"), pd.read_csv(new_dir / "log.csv")
+    assert new_log["Epoch"].tolist() == list(range(EPOCHS + 1))
+    pd.testing.assert_frame_equal(new_log.iloc[:EPOCHS], old_log)
+    assert read_checkpoint(new_dir / f"{EPOCHS}.tar")["epoch"] == EPOCHS
+    # the optimiser and schedule state came back: the lr continues the cosine curve
+    assert new_log["LR"].iloc[-1] == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi * EPOCHS / 100)), abs=1e-4)
+    assert new_log["Test_ASR"].iloc[-1] > 90
+
+
+def test_overwrite_starts_again(trained, tmp_path):
+    root, _ = trained
+    copy = tmp_path / "saved"
+    shutil.copytree(root, copy)
+    args = parse_script_args(SCRIPT, copy, "--epochs", 1, "--lr", LR, "--poison_rate", 0.2, "--overwrite")
+    load_script(SCRIPT).main(args)
+    run_dir = backdoor_dir(args, "noTrans")
+    assert sorted(p.name for p in run_dir.glob("*.tar")) == ["0.tar"]
+    assert pd.read_csv(run_dir / "log.csv")["Epoch"].tolist() == [0]
+
+
+def test_resume_without_checkpoint_is_a_user_error(save_root):
+    with pytest.raises(UserError, match="no checkpoint"):
+        load_script(SCRIPT).main(parse_script_args(SCRIPT, save_root, "--epochs", 1, "--resume"))
+    assert not save_root.exists()
+
+
+@pytest.mark.parametrize("other", [("--width", 4), ("--dataset", "cifar10"), ("--trigger_type", "squareTrigger")])
+def test_checkpoint_from_another_run_is_refused_before_writing(tmp_path, save_root, other):
+    foreign_args = validate_args(parse_script_args(SCRIPT, tmp_path / "elsewhere", *other))
+    foreign = tmp_path / "foreign.tar"
+    save_checkpoint(foreign, foreign_args, get_network(foreign_args), epoch=0)
+    args = parse_script_args(SCRIPT, save_root, "--epochs", 1, "--checkpoint_load", foreign)
+    with pytest.raises(UserError, match=other[0]):
+        load_script(SCRIPT).main(args)
+    assert not save_root.exists(), "nothing written"
