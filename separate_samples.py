@@ -72,9 +72,8 @@ def main(args):
     meta["data_tag"] = dataset_tag(args)
     folder = split_dir(args)
     save_split(folder, train_set, sets, report, meta)
-    for name, symbol in SET_NAMES.items():
-        print(f"{symbol}: {len(sets[name]):5d} samples, "
-              f"{report[f'poison_in_{name if name != 'suspicious' else 'uncertain'}_set_pct']:.2f}% poisoned")
+    for name, key in (("clean", "clean"), ("poison", "poison"), ("suspicious", "uncertain")):
+        print(f"{SET_NAMES[name]}: {len(sets[name]):5d} samples, {report[f'poison_in_{key}_set_pct']:.2f}% poisoned")
     print(f"poison recall of D_p {report['poison_recall_pct']:.2f}%, AUROC of Delta {report['auroc']:.4f}")
     print(f"wrote {folder}")
     return report

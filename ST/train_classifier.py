@@ -88,8 +88,8 @@ def main(args):
 
     for epoch in range(args.epochs):
         t0 = time.time()
-        loss, c, lr = run_epoch(model, len(data.labels), args.batch_size, g, step, optimizer, lr_at, epoch,
-                                f"linear {epoch}")
+        r = run_epoch(model, len(data.labels), args.batch_size, g, step, optimizer, lr_at, epoch, f"linear {epoch}")
+        loss, c, lr = r["loss"], r["counts"], r["lr"]
         metrics = evaluate(model, tests, rt, args.target_label)
         pct = lambda a, b: 100.0 * a / b if b else float("nan")  # noqa: E731
         logger.write({"Epoch": epoch, "Train_Loss": loss, "Train_ACC_Dc": pct(c["hit_c"], c["n_c"]),

@@ -8,6 +8,7 @@ Paper: SGD lr 0.5, momentum 0.9, wd 1e-4, batch 512, temperature 0.1, 200 epochs
 lr x 0.001 after a 10-epoch linear warm-up from 0.01.
 """
 import argparse
+import math
 import time
 
 import torch
@@ -22,7 +23,7 @@ from utils.supcon import (EXTRACTOR_DEFAULTS, EXTRACTOR_KIND, PROJECTION_DIM, ST
                           start_run, two_views, warmup_cosine_lr)
 from utils.train import generator, make_optimizer, make_runtime, prepare_model, seed_everything
 
-LOG_COLUMNS = ["Epoch", "Train_Loss", "LR", "Seconds"]
+LOG_COLUMNS = ["Epoch", "Train_Loss", "LR", "Seconds", "Epochs"]
 
 
 def build_parser():
@@ -36,8 +37,11 @@ def build_parser():
     g.add_argument("--warmup_from", type=float, default=0.01)
     g.add_argument("--min_lr_ratio", type=float, default=0.001, help="the cosine ends at lr x this")
     g.add_argument("--time_budget", type=float, default=None, metavar="MINUTES",
-                   help="set the epoch count (at most --epochs) from the measured first epoch so that the "
-                        "run fits in MINUTES and its cosine schedule ends where it should")
+                   help="set the epoch count (at most --epochs) from the measured pace of the first (warm-up) "
+                        "epochs so that training fits in MINUTES and the cosine schedule still runs whole")
+    g.add_argument("--budget_clock", default="wall", choices=("wall", "cpu"),
+                   help="[not in the paper] 'cpu': count --time_budget in this process's CPU seconds / threads, "
+                        "the wall time on an idle machine (for CPUs shared with other jobs)")
     # paper-readme's spellings
     g.add_argument("--learning_rate", dest="lr", type=float, default=argparse.SUPPRESS, help="alias of --lr")
     g.add_argument("--cosine", action="store_true", help="accepted for paper-readme's command; always on")
@@ -60,59 +64,93 @@ def main(args):
     prepare_args(args)
     rt = make_runtime(args, resolve_device(args))
     run_dir = extractor_dir(args)
-    resume = start_run(args, run_dir)
+    resume = start_run(args, run_dir)                   # refuses to mix with an earlier run
     print_header("ST/train_extractor.py", args)
     seed_everything(args.seed)
-    data, _, summary = load_st_sets(args, rt)
-    print(summary)
-
-    model = prepare_model(SupConNet(build_encoder(describe_args(args)), PROJECTION_DIM), rt)
-    optimizer = make_optimizer(args, model.parameters())
-    start = 0
-    if resume is not None:  # continue with the run's own epoch count, so its schedule stays whole
-        check_compatible(resume, args, MODEL_KEYS + ATTACK_KEYS + ST_KEYS, run_dir / "last.pth")
-        load_weights(model, resume)
-        optimizer.load_state_dict(resume["optimizer"])
-        start, args.epochs = resume["epoch"] + 1, resume["args"]["epochs"]
-        args.time_budget = None
+    data, _, summary = load_st_sets(args, rt)           # D_c u D_p u D_u (or everything, --undefended)
+    print(f"{summary}\nrun folder: {run_dir}\n{len(data.labels)} training images, device {rt.device}")
+    model, optimizer, start = set_model(args, rt, resume, run_dir)
     logger = CSVLogger(args.log or run_dir / "log.csv", LOG_COLUMNS, append=resume is not None)
-    g = generator(args.seed + 7919 * start)
+    g = generator(args.seed + 7919 * start)             # a resumed run continues with its own stream
     step = contrastive_step(model, data, rt, g, args.temp)
-    n, t_start = len(data.labels), time.time()
-    print(f"run folder: {run_dir}\n{n} training images, device {rt.device}")
-
-    epoch = start
-    while epoch < args.epochs:
+    budget = TimeBudget(args.time_budget, args.epochs, args.budget_clock) if args.time_budget else None
+    t_start, epoch = time.time(), start
+    while epoch < args.epochs:                          # args.epochs may shrink with --time_budget
         t0 = time.time()
         warm = min(args.warm_epochs, args.epochs / 2)
         lr_at = lambda t: warmup_cosine_lr(t, args.epochs, args.lr, warm, args.warmup_from,  # noqa: E731
                                            args.min_lr_ratio)
-        loss, _, lr = run_epoch(model, n, args.batch_size, g, step, optimizer, lr_at, epoch, f"SupCon {epoch}")
-        if not torch.isfinite(torch.tensor(loss)):
-            raise UserError(f"the loss diverged at epoch {epoch} (lr {lr:.3g}); try a smaller --lr")
+        r = run_epoch(model, len(data.labels), args.batch_size, g, step, optimizer, lr_at, epoch,
+                      f"SupCon {epoch}", clock=budget.clock if budget else time.time)
+        if not math.isfinite(r["loss"]):
+            raise UserError(f"the loss diverged at epoch {epoch} (lr {r['lr']:.3g}); try a smaller --lr")
+        if budget and (epoch == 0 or epoch + 1 < warm):  # the warm-up does not depend on the epoch count
+            args.epochs = budget.update(r, args.warm_epochs)
         seconds = time.time() - t0
-        if epoch == 0 and args.time_budget:
-            args.epochs = fit_budget(args, seconds)
-        logger.write({"Epoch": epoch, "Train_Loss": loss, "LR": lr, "Seconds": seconds})
-        print(f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  lr {lr:.4f}  ({seconds:.1f} s)")
-        save_checkpoint(run_dir / "last.pth", args, model, optimizer, epoch=epoch, kind=EXTRACTOR_KIND,
-                        projection_dim=PROJECTION_DIM)
-        if (epoch + 1) % max(args.save_freq, 1) == 0:
-            save_checkpoint(run_dir / f"ckpt_epoch_{epoch + 1}.pth", args, model, epoch=epoch, kind=EXTRACTOR_KIND,
-                            projection_dim=PROJECTION_DIM)
+        logger.write({"Epoch": epoch, "Train_Loss": r["loss"], "LR": r["lr"], "Seconds": seconds,
+                      "Epochs": args.epochs})
+        print(f"epoch {epoch:3d}/{args.epochs}  loss {r['loss']:.4f}  lr {r['lr']:.4f}  ({seconds:.1f} s)")
+        save(args, run_dir, model, optimizer, epoch)
         epoch += 1
     minutes = (time.time() - t_start) / 60
-    print(f"done: {args.epochs - start} epochs in {minutes:.1f} min; extractor {run_dir / 'last.pth'}")
+    print(f"done: {args.epochs - start} epochs in {minutes:.1f} min ({60 * minutes / max(args.epochs - start, 1):.1f} "
+          f"s/epoch); extractor {run_dir / 'last.pth'}")
     return model
 
 
-def fit_budget(args, first_epoch_seconds):
-    """The number of epochs (at most --epochs) that fits --time_budget minutes at the first epoch's pace."""
-    epochs = max(1, min(args.epochs, int(args.time_budget * 60 // first_epoch_seconds)))
-    warm = min(args.warm_epochs, epochs / 2)
-    print(f"time budget {args.time_budget:g} min at {first_epoch_seconds:.1f} s/epoch: {epochs} epochs"
-          + (f" (warm-up shortened to {warm:g} epochs)" if warm < args.warm_epochs else ""))
-    return epochs
+def set_model(args, rt, resume, run_dir):
+    """Encoder + projection head and its SGD; a resumed run also gets its weights, optimiser state
+    and its own epoch count (so that its schedule stays whole)."""
+    model = prepare_model(SupConNet(build_encoder(describe_args(args)), PROJECTION_DIM), rt)
+    optimizer = make_optimizer(args, model.parameters())
+    if resume is None:
+        return model, optimizer, 0
+    check_compatible(resume, args, MODEL_KEYS + ATTACK_KEYS + ST_KEYS, run_dir / "last.pth")
+    load_weights(model, resume, run_dir / "last.pth")
+    optimizer.load_state_dict(resume["optimizer"])
+    args.epochs, args.time_budget = resume["args"]["epochs"], None
+    print(f"resuming {run_dir / 'last.pth'} at epoch {resume['epoch'] + 1} of {args.epochs}")
+    return model, optimizer, resume["epoch"] + 1
+
+
+def save(args, run_dir, model, optimizer, epoch):
+    """last.pth every epoch (with the optimiser, for --resume); ckpt_epoch_<N>.pth every --save_freq."""
+    meta = {"kind": EXTRACTOR_KIND, "projection_dim": PROJECTION_DIM}
+    save_checkpoint(run_dir / "last.pth", args, model, optimizer, epoch=epoch, **meta)
+    if (epoch + 1) % max(args.save_freq, 1) == 0:
+        save_checkpoint(run_dir / f"ckpt_epoch_{epoch + 1}.pth", args, model, epoch=epoch, **meta)
+
+
+class TimeBudget:
+    """--time_budget: how many epochs (at most --epochs) fit in the budget.
+
+    Measured on the first epoch, whose first batch's extra time (kernel selection, oneDNN / cuDNN
+    warm-up) is counted once rather than every epoch, and measured again after every warm-up
+    epoch: the warm-up lr does not depend on the epoch count, so the count may still change then,
+    and it is fixed before the cosine part starts, which therefore always runs whole.
+    clock 'wall': seconds on the wall; 'cpu': this process's CPU seconds / torch threads, i.e. the
+    wall time the same work takes on an otherwise idle machine (for shared CPUs; CPU runs only).
+    """
+
+    def __init__(self, minutes, max_epochs, clock="wall"):
+        self.seconds, self.max_epochs, self.kind = 60 * minutes, max_epochs, clock
+        threads = torch.get_num_threads()
+        self.clock = time.time if clock == "wall" else (lambda: time.process_time() / threads)
+        self.spent, self.done, self.overhead = 0.0, 0, None
+
+    def update(self, r, warm_epochs):
+        if self.overhead is None:
+            typical = (r["seconds"] - r["first_batch_seconds"]) / max(r["batches"] - 1, 1)
+            self.overhead = max(r["first_batch_seconds"] - typical, 0.0) if r["batches"] > 1 else 0.0
+        self.spent += r["seconds"]
+        self.done += 1
+        pace = max(self.spent - self.overhead, 1e-9) / self.done
+        epochs = max(self.done, min(self.max_epochs, int((self.seconds - self.overhead) // pace)))
+        warm = min(warm_epochs, epochs / 2)
+        print(f"time budget {self.seconds / 60:g} min ({self.kind} clock) at {pace:.1f} s/epoch "
+              f"(+{self.overhead:.1f} s warm-up once): {epochs} epochs"
+              + (f", warm-up shortened to {warm:g} epochs" if warm < warm_epochs else ""))
+        return epochs
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ size and optimiser on one pre-made batch already on the device. Their ratio is t
 time the training loop spends on the network itself (goal: >= 0.85).
 
 The two are measured alternately (one epoch, then as many bare steps) so a busy neighbour on a
-shared machine slows both alike; the medians are reported, plus a markdown table row.
+shared machine slows both alike; the medians are reported, plus a markdown table row. Both clocks
+are shown: wall time, and this process's CPU time (on a CPU shared with other jobs the wall clock
+swings by +-30 % from one repeat to the next; CPU time does not count the time others held the
+cores, so its ratio is the steadier one). On a busy 2-core machine pass --threads 1: two torch
+threads competing with a neighbour were measured 20x slower.
 
   python benchmarks/throughput.py --data_file ../shared/data/cifar10_subset.npz --width 16 --device cpu
   python benchmarks/throughput.py --profile        # where the pipeline's time goes (torch.profiler)
@@ -46,28 +50,29 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(fn, device):
+    """(wall seconds, CPU seconds of this process) of fn()."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def pipeline_epoch(model, data, optimizer, rt, g, batch_size):
-    """Seconds for one training pass of train_epoch with crop_flip."""
-    sync(rt.device)
-    t0 = time.perf_counter()
+    """One training pass of train_epoch with crop_flip."""
     train_epoch(model, data, optimizer, rt, g, augment=crop_flip, batch_size=batch_size)
-    sync(rt.device)
-    return time.perf_counter() - t0
 
 
 def bare_steps(model, x, y, optimizer, rt, steps):
-    """Seconds for ``steps`` forward + backward + step on the pre-made batch (x, y)."""
+    """``steps`` forward + backward + step on the pre-made batch (x, y)."""
     model.train()
-    sync(rt.device)
-    t0 = time.perf_counter()
     for _ in range(steps):
         with rt.autocast():
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    sync(rt.device)
-    return time.perf_counter() - t0
 
 
 def subset(data, n):
@@ -103,25 +108,29 @@ def main(args):
 
     train_epoch(model, subset(data, args.warmup * bs), optimizer, rt, g, augment=crop_flip, batch_size=bs)
     bare_steps(model, x, y, optimizer, rt, args.warmup)
-    pipe, bare = [], []
+    pipe, bare = [], []   # (wall, cpu) seconds per repeat
     for _ in range(args.epochs):
-        pipe.append(n / pipeline_epoch(model, data, optimizer, rt, g, bs))
-        bare.append(steps * len(x) / bare_steps(model, x, y, optimizer, rt, steps))
-    pipe_ips, bare_ips = statistics.median(pipe), statistics.median(bare)
-    ratio = pipe_ips / bare_ips
+        pipe.append(timed(lambda: pipeline_epoch(model, data, optimizer, rt, g, bs), device))
+        bare.append(timed(lambda: bare_steps(model, x, y, optimizer, rt, steps), device))
+    bare_images = steps * len(x)
+    result = {}
+    for i, clock in enumerate(("wall", "cpu")):
+        result[clock] = (statistics.median(n / p[i] for p in pipe), statistics.median(bare_images / b[i] for b in bare))
+    threads = torch.get_num_threads()
     print(f"{args.model} width {args.width}, batch {bs}, {n} images/epoch ({args.dataset}"
-          f"{', ' + args.data_file if args.data_file else ''}), device {device}, {torch.get_num_threads()} threads, "
-          f"amp {rt.amp}")
-    print("pipeline img/s per repeat: " + ", ".join(f"{v:.0f}" for v in pipe))
-    print("bare     img/s per repeat: " + ", ".join(f"{v:.0f}" for v in bare))
+          f"{', ' + args.data_file if args.data_file else ''}), device {device}, {threads} threads, amp {rt.amp}")
+    for i, clock in enumerate(("wall", "cpu")):
+        print(f"img/s by {clock} clock, pipeline: " + ", ".join(f"{n / p[i]:.0f}" for p in pipe)
+              + "; bare: " + ", ".join(f"{bare_images / b[i]:.0f}" for b in bare))
     print()
-    print("| device | model | width | batch | pipeline img/s | bare img/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {device.type} ({torch.get_num_threads()} thr) | {args.model} | {args.width} | {bs} | "
-          f"{pipe_ips:.0f} | {bare_ips:.0f} | {ratio:.2f} |")
+    print("| device | model | width | batch | clock | pipeline img/s | bare img/s | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for clock, (p, b) in result.items():
+        print(f"| {device.type} ({threads} thr) | {args.model} | {args.width} | {bs} | {clock} | {p:.0f} | {b:.0f} "
+              f"| {p / b:.2f} |")
     if args.profile:
         profile_epoch(model, data, optimizer, rt, g, bs)
-    return {"pipeline_ips": pipe_ips, "bare_ips": bare_ips, "ratio": ratio}
+    return {clock: {"pipeline_ips": p, "bare_ips": b, "ratio": p / b} for clock, (p, b) in result.items()}
 
 
 if __name__ == "__main__":

@@ -192,8 +192,9 @@ def test_classifier_and_test_script_run_and_write_files(trained):
     assert set(_rows(run / "log.csv")[0]) >= {"Test_ACC", "Test_ASR", "Test_ASR0", "Test_R-ACC"}
     tst = _script("test")
     row = tst.main(_args(tst, tmp, "--batch_size", "64"))
-    assert row["ACC"] == pytest.approx(metrics["Test_ACC"]) and row["ASR0"] == pytest.approx(metrics["Test_ASR0"])
-    assert len(_rows(run / "test.csv")) == 1
+    assert row["Test_ACC"] == pytest.approx(metrics["Test_ACC"])
+    assert row["Test_ASR0"] == pytest.approx(metrics["Test_ASR0"])
+    assert len(_rows(run.parent / "test.csv")) == 1
     # a checkpoint that does not load fully is refused with a one-line error
     bad = SupConNet(build_encoder(describe_args(ext_args)))
     state = {k: v for k, v in bad.state_dict().items() if not k.startswith("head.2")}

@@ -262,3 +262,24 @@ def test_make_assets_is_deterministic_and_matches_the_spec(tmp_path):
     assert committed.mode == "RGB"
     # Agg output may differ slightly between matplotlib versions: allow a few anti-aliased pixels
     assert (np.asarray(committed) != kitty).any(-1).mean() < 0.02
+
+
+def test_make_trojan_trigger_writes_a_patch_that_raises_the_neuron(tmp_path, monkeypatch):
+    from models import get_network
+    from utils.args import validate_args
+    from utils.checkpoint import save_checkpoint
+    make_trojan = load_script("make_trojan_trigger")
+    x, y = batch(n=96, seed=3), torch.arange(96) % 10
+    monkeypatch.setattr(make_trojan, "load_raw", lambda args: (x[:64], y[:64], x[64:], y[64:]))  # tiny data
+    common = ["--dataset", "synthetic", "--width", "2", "--seed", "1", "--device", "cpu"]
+    torch.manual_seed(0)
+    net_args = validate_args(make_trojan.build_parser().parse_args(common))
+    save_checkpoint(tmp_path / "clean.tar", net_args, get_network(net_args))
+    args = make_trojan.build_parser().parse_args(
+        common + ["--checkpoint_load", str(tmp_path / "clean.tar"), "--steps", "15", "--step_size", "30", "--batch_size", "32",
+                  "--probe_images", "8", "--out", str(tmp_path / "patch.npy")])
+    result = make_trojan.main(args)
+    patch = np.load(tmp_path / "patch.npy")
+    assert patch.dtype == np.int16 and patch.shape == (3, 3, 3) and np.abs(patch).max() <= 255
+    assert np.array_equal(patch, result["patch"])
+    assert result["after"] > result["before"]

@@ -6,6 +6,7 @@ Symbols follow the paper: D_c (clean_set, trusted labels), D_p (poison_set), D_u
 """
 import hashlib
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -156,13 +157,16 @@ def warmup_cosine_lr(epoch, epochs, base_lr, warm_epochs=10, warmup_from=0.01, m
     return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * progress)) / 2
 
 
-def run_epoch(model, n, batch_size, g, step, optimizer, lr_at, epoch, desc="train"):
+def run_epoch(model, n, batch_size, g, step, optimizer, lr_at, epoch, desc="train", clock=time.time):
     """The one ST training pass: seeded batches over n samples; ``step(idx) -> (loss, counts)``
     computes a batch's loss (counts: a dict of numbers to sum, may be empty); ``lr_at(t)`` gives the
-    lr at fractional epoch t. Returns the sample-weighted mean loss, the summed counts, the last lr."""
+    lr at fractional epoch t. Returns a dict: the sample-weighted mean loss, the summed counts, the
+    last lr, the seconds (by ``clock``) of the pass and of its first batch (which carries the kernel
+    warm-up)."""
     model.train()
+    t0 = clock()
     batches = batch_indices(n, batch_size, g)
-    loss_sum, sums, lr = 0.0, {}, None
+    loss_sum, sums, lr, first = 0.0, {}, None, None
     for i, idx in enumerate(tqdm(batches, desc=desc, leave=False, mininterval=1)):
         lr = lr_at(epoch + i / len(batches))
         for group in optimizer.param_groups:
@@ -171,10 +175,12 @@ def run_epoch(model, n, batch_size, g, step, optimizer, lr_at, epoch, desc="trai
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(idx)
+        loss_sum += loss.item() * len(idx)  # .item() also waits for the device: honest timings
         for k, v in counts.items():
             sums[k] = sums.get(k, 0) + v
-    return loss_sum / max(n, 1), sums, lr
+        first = clock() - t0 if first is None else first
+    return {"loss": loss_sum / max(n, 1), "counts": sums, "lr": lr, "seconds": clock() - t0,
+            "first_batch_seconds": first or 0.0, "batches": len(batches)}
 
 
 def two_views(x, g):
@@ -307,6 +313,9 @@ def _check_kind(ckpt, kind, path):
 
 def load_extractor(path, args):
     """The SupConNet saved at path, checked against this run's data/model/attack/ST settings (strict)."""
+    if not Path(path).is_file():
+        raise UserError(f"no feature extractor at {path}; run ST/train_extractor.py with the same flags "
+                        "first, or name the checkpoint (--ckpt / --model_ckpt)")
     ckpt = read_checkpoint(path)
     _check_kind(ckpt, EXTRACTOR_KIND, path)
     check_compatible(ckpt, args, MODEL_KEYS + ATTACK_KEYS + ST_KEYS, path)
@@ -317,6 +326,9 @@ def load_extractor(path, args):
 
 def load_classifier(path, args, encoder):
     """The linear layer saved at path on top of ``encoder`` (which must be the one it was trained on)."""
+    if not Path(path).is_file():
+        raise UserError(f"no classifier at {path}; run ST/train_classifier.py with the same flags first, "
+                        "or name it with --classifier_ckpt")
     ckpt = read_checkpoint(path)
     _check_kind(ckpt, CLASSIFIER_KIND, path)
     check_compatible(ckpt, args, MODEL_KEYS + ATTACK_KEYS + ST_KEYS, path)
