@@ -40,8 +40,9 @@ def build_parser():
                    help="set the epoch count (at most --epochs) from the measured pace of the first (warm-up) "
                         "epochs so that training fits in MINUTES and the cosine schedule still runs whole")
     g.add_argument("--budget_clock", default="wall", choices=("wall", "cpu"),
-                   help="[not in the paper] 'cpu': count --time_budget in this process's CPU seconds / threads, "
-                        "the wall time on an idle machine (for CPUs shared with other jobs)")
+                   help="'cpu': count --time_budget in this process's CPU seconds / torch threads, i.e. the wall time "
+                        "of the same work on an idle machine (for CPUs shared with other jobs; run with "
+                        "OMP_WAIT_POLICY=PASSIVE so that waiting threads do not burn CPU time)")
     # paper-readme's spellings
     g.add_argument("--learning_rate", dest="lr", type=float, default=argparse.SUPPRESS, help="alias of --lr")
     g.add_argument("--cosine", action="store_true", help="accepted for paper-readme's command; always on")

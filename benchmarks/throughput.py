@@ -13,7 +13,8 @@ swings by +-30 % from one repeat to the next; CPU time does not count the time o
 cores, so its ratio is the steadier one). On a busy 2-core machine pass --threads 1: two torch
 threads competing with a neighbour were measured 20x slower.
 
-  python benchmarks/throughput.py --data_file ../shared/data/cifar10_subset.npz --width 16 --device cpu
+  python benchmarks/throughput.py --dataset cifar10 --data_file ../shared/data/cifar10_subset.npz --width 16 \
+      --batch_size 128 --device cpu --threads 1 --epochs 5
   python benchmarks/throughput.py --profile        # where the pipeline's time goes (torch.profiler)
 """
 import math

@@ -103,8 +103,6 @@ def test_warp_shift_matches_torchvision_translate():
         assert torch.equal(warp(x, shift=torch.tensor([[dx, dy]])), want)
 
 
-@pytest.mark.xfail(reason="warp rotates clockwise for a positive angle, torchvision counter-clockwise "
-                          "(harmless for the symmetric random angles used; fix reported to the lead)")
 def test_warp_rotation_matches_torchvision_rotate():
     tf = pytest.importorskip("torchvision.transforms.v2.functional")
     x = images(1)

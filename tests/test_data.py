@@ -85,8 +85,8 @@ def test_poisoned_training_set(raw, target_type, target):
     # images: the trigger on the poisoned ones, the others untouched
     assert torch.equal(train.images[expected_clean], x_train[expected_clean])
     assert torch.equal(train.images[idx], apply_trigger("gridTrigger", x_train[idx], "train"))
-    assert torch.equal(train.images[idx][:, :, -3:, -3:],
-                       torch.tensor([[0, 0, 255], [0, 255, 0], [255, 0, 255]], dtype=torch.uint8).expand(len(idx), 3, 3, 3))
+    grid = torch.tensor([[0, 0, 255], [0, 255, 0], [255, 0, 255]], dtype=torch.uint8)
+    assert torch.equal(train.images[idx][:, :, -3:, -3:], grid.expand(len(idx), 3, 3, 3))
     image, label, gt, clean = train[int(idx[0])]
     assert image.shape == (3, 32, 32) and not clean and gt == y_train[idx[0]] and label == train.labels[idx[0]]
 

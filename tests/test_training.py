@@ -39,7 +39,8 @@ def trained(tmp_path_factory):
 
 def test_run_folder_and_outputs(trained):
     root, run_dir = trained
-    assert run_dir == root / "backdoored_model" / "poison_rate_0.2" / "noTrans" / "synthetic" / "resnet18_w8" / "gridTrigger"
+    assert run_dir == (root / "backdoored_model" / "poison_rate_0.2" / "noTrans" / "synthetic" / "resnet18_w8"
+                       / "gridTrigger")
     assert sorted(p.name for p in run_dir.glob("*.tar")) == [f"{e}.tar" for e in range(EPOCHS)]
     assert not list(run_dir.glob("*.tmp"))
     _, y_train, _, _ = make_synthetic()

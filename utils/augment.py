@@ -26,7 +26,7 @@ def warp(x, angle=None, shift=None, flip=None, scale=None, center=None, mode="ne
     if angle is not None:
         a = torch.deg2rad(angle.to(dev).float())
         cos, sin = torch.cos(a), torch.sin(a)
-        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, sin, -sin, cos
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos  # counter-clockwise, as torchvision
     if flip is not None:
         theta[:, :, 0] *= torch.where(flip.to(dev), -1.0, 1.0)[:, None]
     if shift is not None:  # input = R^T (output - t): t in normalised units (2 px / size)

@@ -20,7 +20,7 @@ class CSVLogger:
     def write(self, row):
         with open(self.path, "a", newline="") as f:
             w = csv.DictWriter(f, self.fieldnames, extrasaction="ignore")
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+            w.writerow({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def git_sha():

@@ -209,6 +209,11 @@ def fit(args, model, train_set, tests, rt, run_dir, *, augment=None, criterion=c
     resume_checkpoint / --resume: continue a run at the epoch after the checkpoint's.
     """
     ckpt, resumed = start_checkpoint(args, run_dir, init_checkpoint, resume_checkpoint)
+    recipe = {"schedule": schedule, "augment": getattr(augment, "__name__", str(augment)),
+              "criterion": criterion.__name__}
+    if resumed and ckpt.get("recipe", recipe) != recipe:
+        raise UserError(f"the checkpoint was written by another step ({ckpt['recipe']}); "
+                        "resume a run only with the script that made it")
     model = prepare_model(model, rt)
     optimizer = make_optimizer(args, model.parameters())
     scheduler = make_scheduler(optimizer, args, schedule)
@@ -238,7 +243,7 @@ def fit(args, model, train_set, tests, rt, run_dir, *, augment=None, criterion=c
         logger.write(row)
         print(f"epoch {epoch:3d}  loss {train_metrics['Train_Loss']:.4f}  {format_metrics(test_metrics)}  "
               f"({row['Seconds']:.1f} s)")
-        save_checkpoint(run_dir / f"{epoch}.tar", args, model, optimizer, scheduler, epoch)
+        save_checkpoint(run_dir / f"{epoch}.tar", args, model, optimizer, scheduler, epoch, recipe=recipe)
         _prune(run_dir, epoch - 1, args)
     return model
 
