@@ -14,7 +14,7 @@ import pandas as pd
 
 from utils.args import build_parser as shared_parser, validate_args
 from utils.errors import run_main
-from utils.paths import REPO_ROOT, backdoor_dir, dataset_tag, latest_checkpoint, split_dir, st_dir
+from utils.paths import REPO_ROOT, backdoor_dir, dataset_tag, split_dir, st_dir
 from utils.tables import to_markdown
 
 ATTACKS = {  # run_all.sh name -> (target_type, trigger_type, name in the paper's table)
@@ -42,6 +42,7 @@ def build_parser():
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     p.add_argument("--times", default=None, help="run_all.sh's times.csv (attack,step,seconds)")
     p.add_argument("--out_dir", default=str(REPO_ROOT / "results"))
+    p.add_argument("--st_root", default=None, help="D-ST outputs (default: ST/save of the repo)")
     return p
 
 
@@ -63,9 +64,8 @@ def collect(args, attack):
     bd = read_csv(backdoor_dir(a, "withTrans") / "log.csv")
     if bd is not None:
         row.update(zip(("BD ACC", "BD ASR", "BD ASR0"), bd.iloc[-1][list(cols)]))
-    victim = latest_checkpoint(backdoor_dir(a, "withTrans"))
     dbr = read_csv(backdoor_dir(a, "withTrans") / "unlearn_purify.csv")
-    if dbr is not None and victim is not None:
+    if dbr is not None:
         best = dbr.loc[(dbr.Test_ACC - dbr.Test_ASR).idxmax()]
         row.update(zip(("D-BR ACC", "D-BR ASR", "D-BR ASR0"), dbr.iloc[-1][list(cols)]))
         row.update(zip(("D-BR best ACC", "D-BR best ASR"), best[["Test_ACC", "Test_ASR"]]))
@@ -81,11 +81,12 @@ def collect(args, attack):
 
 
 def fct_files(a):
-    ckpt = latest_checkpoint(backdoor_dir(a, "noTrans_ftsimi"))
-    if ckpt is None:
+    """The newest epoch's <n>_clean.txt / <n>_poison.txt of the fine-tuned SD model, if any."""
+    folder = backdoor_dir(a, "noTrans_ftsimi")
+    epochs = [int(p.name.split("_")[0]) for p in folder.glob("*_clean.txt") if p.name.split("_")[0].isdigit()]
+    if not epochs:
         return None
-    prefix = ckpt.with_suffix("")
-    files = [Path(f"{prefix}_clean.txt"), Path(f"{prefix}_poison.txt")]
+    files = [folder / f"{max(epochs)}_clean.txt", folder / f"{max(epochs)}_poison.txt"]
     return files if all(f.exists() for f in files) else None
 
 
