@@ -1,10 +1,9 @@
 # `make demo` runs the main job, `make test` the test suite; both create .venv on first use.
 PY := .venv/bin/python
-DATA ?= ../shared/data/cifar10_subset.npz
+DEMO_ARGS ?=
 
 .venv/installed: requirements.txt pyproject.toml
 	python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
@@ -12,7 +11,7 @@ DATA ?= ../shared/data/cifar10_subset.npz
 install: .venv/installed
 
 demo: .venv/installed
-	PATH=$(CURDIR)/.venv/bin:$$PATH bash run_all.sh --quick
+	PATH=$(CURDIR)/.venv/bin:$$PATH bash run_all.sh --quick $(DEMO_ARGS)
 
 test: .venv/installed
 	$(PY) -m pytest

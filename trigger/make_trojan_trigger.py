@@ -11,7 +11,8 @@ strongly. Here:
       gradient-sign step; units that do not rise (g_j <= 0) are never chosen. It picks a unit the
       3 x 3 patch can actually move *and* that pushes the target logit. (Measured on the width-16
       clean model of the CIFAR subset: the unit with the largest W[t, j] barely responds to a
-      3 x 3 patch, +3% after optimisation.)
+      3 x 3 patch, +3% after optimisation; the committed patch drives the unit this rule picks
+      from 0.764 to 0.864, +13%, on average over the 5,170 training images.)
     - ``target``: the unit with the largest weight W[t, j] into the target class;
     - ``connected``: TrojanNN's "most connected" unit, the largest sum over classes of |W[:, j]|;
     - or an explicit ``--neuron J``;
@@ -164,17 +165,18 @@ def main(args):
     device = resolve_device(args)
     model = load_clean_model(args, device)
     x_train, _, x_test, y_test = load_raw(args)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for param in model.parameters():
+        param.requires_grad_(False)
     neuron = choose_neuron(model, x_train, args)
     zero = torch.zeros(3, PATCH, PATCH, device=device)
+    before = mean_activation(model, x_train, zero, neuron)
     print(f"neuron {neuron} ({args.neuron_rule if args.neuron is None else 'given'}; "
           f"weight into the target {model.linear.weight[args.target_label, neuron].item():.4f}); "
-          f"mean activation on clean training images: {mean_activation(model, x_train, zero, neuron):.4f}")
+          f"mean activation on clean training images: {before:.4f}")
 
     patch = optimise_patch(model, x_train, neuron, args.steps, args.step_size, args.batch_size, args.seed)
 
-    before, after = (mean_activation(model, x_train, p, neuron) for p in (zero, patch))
+    after = mean_activation(model, x_train, patch, neuron)
     keep = y_test != args.target_label
     rate0, rate1 = (target_rate(model, x_test[keep], p, args.target_label) for p in (zero, patch))
     print(f"activation of neuron {neuron}: {before:.4f} -> {after:.4f} ({100 * (after / before - 1):+.1f}%, "
