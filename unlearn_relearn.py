@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
 import torch.nn.functional as F
 
 from utils.args import build_parser as shared_parser, resolve_device, validate_args
@@ -36,6 +37,8 @@ def build_parser():
                    help="unlearn only while a D_p sample's cross-entropy is below this bound "
                         "(per-sample clamp; bounds the ascent so it cannot run away)")
     g.add_argument("--relearn_passes", type=int, default=1, help="passes over D_c per epoch")
+    g.add_argument("--lr_schedule", default="constant", choices=("constant", "cosine"),
+                   help="cosine: anneal the lr to 0 over --epochs, so the last epochs settle")
     return p
 
 
@@ -85,6 +88,8 @@ def main(args):
           f"lr {args.lr}, {args.epochs} epochs")
     augment = train_augmentation(args.dataset)
     optimizer = make_optimizer(args, model.parameters())
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
+                 if args.lr_schedule == "cosine" else None)
     unlearn = bounded_ascent_criterion(args.ascent_bound) if args.ascent_bound else None
     g = generator(args.seed)
     logger = CSVLogger(log_path, COLUMNS)
@@ -102,6 +107,8 @@ def main(args):
         for _ in range(args.relearn_passes):
             r = train_epoch(model, clean_set, optimizer, rt, g, augment=augment, batch_size=args.batch_size,
                             desc=f"relearn {epoch}")
+        if scheduler is not None:
+            scheduler.step()
         metrics = evaluate(model, tests, rt, args.target_label)
         logger.write({"Epoch": epoch, **metrics, "Unlearn_Loss": u["Train_Loss"], "Relearn_Loss": r["Train_Loss"],
                       "Seconds": time.time() - t0})

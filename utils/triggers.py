@@ -86,12 +86,15 @@ def _image_asset(path, size):
     path = Path(path)
     if not path.exists():
         raise UserError(f"blend image {path} not found (kittyTrigger --blend_image)")
-    img = mpimg.imread(path)
-    img = torch.from_numpy(np.asarray(img, dtype=np.float32))
-    if img.max() <= 1.0:
+    raw = np.asarray(mpimg.imread(path))
+    img = torch.from_numpy(raw.astype(np.float32))
+    if np.issubdtype(raw.dtype, np.floating):  # matplotlib reads PNGs as floats in [0, 1]
         img = img * 255
     if img.ndim == 2:
         img = img[..., None].expand(-1, -1, 3)
+    if img.shape[-1] == 4:  # transparent areas are white, not whatever colour they store
+        alpha = img[..., 3:] / 255
+        img = img[..., :3] * alpha + 255 * (1 - alpha)
     img = img[..., :3].permute(2, 0, 1)[None]
     return F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
@@ -163,6 +166,8 @@ def four_corner_trigger(images, split, ctx):
         if ctx.pgd_model is None:
             raise UserError("fourCornerTrigger (CL) needs a clean model: run train_clean_withTrans.py "
                             "or pass --clean_model")
+        if ctx.pgd_labels is None or len(ctx.pgd_labels) != len(images):
+            raise UserError("fourCornerTrigger (CL) needs the true labels of the images it perturbs")
         images = pgd_perturb(ctx.pgd_model, images, ctx.pgd_labels)
     return four_corner_patches(images)
 
@@ -196,9 +201,11 @@ def apply_trigger(name, images, split, ctx=None, chunk=4096):
         return fn(images, split, ctx)
     labels = ctx.pgd_labels
     parts = []
-    for i in range(0, len(images), chunk):
-        if labels is not None:
-            ctx.pgd_labels = labels[i:i + chunk]
-        parts.append(fn(images[i:i + chunk], split, ctx))
-    ctx.pgd_labels = labels
+    try:
+        for i in range(0, len(images), chunk):
+            if labels is not None:
+                ctx.pgd_labels = labels[i:i + chunk]
+            parts.append(fn(images[i:i + chunk], split, ctx))
+    finally:
+        ctx.pgd_labels = labels
     return torch.cat(parts)
