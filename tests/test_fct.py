@@ -1,0 +1,179 @@
+"""SD module (SPEC 3): intra-class loss, per-sample tau, FCT metric, thresholds, split and report."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_script, parse_script_args
+from utils.augment import apply_fct_transform, sample_fct_params
+from utils.fct import (auroc, fct_values, intra_class_loss, split_by_rank, split_by_threshold, split_report,
+                       thresholds)
+from utils.paths import backdoor_dir, split_dir
+from utils.split import SET_NAMES, load_split
+from utils.train import Runtime
+
+CPU = Runtime(torch.device("cpu"))
+
+
+# ------------------------------------------------------------------ L_intra
+def test_intra_loss_zero_for_orthogonal_centres():
+    f = torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 3.0, 0], [0, 1.0, 0], [0, 0, 5.0]])
+    y = torch.tensor([0, 0, 1, 1, 2])
+    assert intra_class_loss(f, y).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_intra_loss_maximal_when_centres_coincide():
+    f = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [0.5, 0.5]])
+    y = torch.tensor([0, 1, 2, 2])
+    k = 3  # every off-diagonal cosine is 1, the diagonal is zeroed: (K^2 - K) / K^2
+    assert intra_class_loss(f, y).item() == pytest.approx((k * k - k) / (k * k), abs=1e-6)
+
+
+def test_intra_loss_single_class_and_opposite_centres():
+    assert intra_class_loss(torch.randn(6, 4), torch.zeros(6, dtype=torch.long)).item() == 0.0
+    f = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert intra_class_loss(f, torch.tensor([3, 7])).item() == pytest.approx(-0.5)  # 2 entries of -1 over 4
+
+
+def test_intra_loss_gradient_pushes_centres_apart():
+    f = torch.tensor([[1.0, 0.2], [1.0, -0.1], [0.9, 0.3], [1.0, 0.5]], requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1])
+    loss = intra_class_loss(f, y)
+    loss.backward()
+    g = f.detach() - 0.5 * f.grad
+    assert intra_class_loss(g, y) < loss
+
+
+# ------------------------------------------------------------------ tau and Delta
+def test_tau_parameters_differ_per_sample_and_are_reproducible():
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = sample_fct_params("rotate", 16, g1, 32)["angle"]
+    assert len(torch.unique(a)) == 16 and a.abs().max() <= 180
+    assert torch.equal(a, sample_fct_params("rotate", 16, g2, 32)["angle"])
+    s = sample_fct_params("affine", 64, torch.Generator().manual_seed(0), 32)["shift"]
+    assert torch.equal(s, s.round()) and s.abs().max() <= 0.2 * 32 and len(torch.unique(s, dim=0)) > 20
+
+
+@pytest.mark.parametrize("name", ["rotate", "affine", "flip", "crop", "blur", "erase"])
+def test_tau_transforms_differ_across_a_batch_of_identical_images(name):
+    x = torch.rand(1, 3, 32, 32).expand(8, -1, -1, -1).contiguous()
+    params = sample_fct_params(name, 8, torch.Generator().manual_seed(1), 32)
+    y = apply_fct_transform(name, x, params)
+    assert y.shape == x.shape
+    distinct = {tuple(v.flatten()[:2000].tolist()) for v in y}
+    assert len(distinct) > (1 if name == "flip" else 4)
+
+
+def _tiny_model():
+    from models import build_model
+    torch.manual_seed(0)
+    return build_model("resnet18", 10, (0.5,) * 3, (0.25,) * 3, width=4).eval()
+
+
+def test_delta_does_not_depend_on_batch_size_and_follows_the_seed():
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    model = _tiny_model()
+    a = fct_values(model, images, CPU, seed=5, batch_size=3)
+    b = fct_values(model, images, CPU, seed=5, batch_size=16)
+    c = fct_values(model, images, CPU, seed=6, batch_size=16)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(a, c)
+    assert (a >= 0).all()
+    assert np.all(fct_values(model, images, CPU, ("none", "none"), seed=5) == 0)
+
+
+# ------------------------------------------------------------------ gamma and split
+def test_thresholds_hand_example():
+    values = np.array([5, 1, 4, 2, 3, 0, 9, 8, 7, 6], dtype=float)  # sorted: 0..9
+    assert thresholds(values, 0.2, 0.1) == (2.0, 9.0)    # index floor(0.2*10)=2 ; index 10-floor(0.1*10)=9
+    assert thresholds(values, 0.25, 0.3) == (2.0, 7.0)   # floor(2.5)=2 ; 10-3=7
+    assert thresholds(values, 0.2, 0.0)[1] == math.inf
+
+
+def test_split_by_rank_partitions_and_breaks_ties_reproducibly():
+    values = np.concatenate([np.zeros(50), np.arange(1, 51)])  # half the values tie at 0
+    sets, ties = split_by_rank(values, 0.2, 0.05, seed=1)
+    assert ties
+    assert [len(sets[k]) for k in ("clean", "poison", "suspicious")] == [20, 5, 75]
+    allidx = np.concatenate(list(sets.values()))
+    assert sorted(allidx.tolist()) == list(range(100))           # nothing lost, nothing repeated
+    assert (values[sets["clean"]] == 0).all() and set(values[sets["poison"]]) == {46, 47, 48, 49, 50}
+    again, _ = split_by_rank(values, 0.2, 0.05, seed=1)
+    other, _ = split_by_rank(values, 0.2, 0.05, seed=2)
+    assert np.array_equal(again["clean"], sets["clean"]) and not np.array_equal(other["clean"], sets["clean"])
+    _, no_ties = split_by_rank(np.arange(100.0), 0.2, 0.05)
+    assert not no_ties
+
+
+def test_threshold_rule_and_its_tie_problem():
+    values = np.concatenate([np.zeros(50), np.arange(1, 51)])
+    sets = split_by_threshold(values, 0.0, 46.0)
+    assert len(sets["clean"]) == 50 and len(sets["poison"]) == 5  # Delta <= 0 takes all ties
+    assert sorted(np.concatenate(list(sets.values())).tolist()) == list(range(100))
+
+
+def test_auroc_and_report():
+    assert auroc([0.1, 0.2, 0.9, 0.8], [False, False, True, True]) == 1.0
+    assert auroc([0.9, 0.8, 0.1, 0.2], [False, False, True, True]) == 0.0
+    assert auroc([1, 1, 1, 1], [False, True, False, True]) == 0.5
+    poisoned = np.array([False] * 8 + [True] * 2)
+    values = np.arange(10.0)
+    sets = {"clean": np.array([0, 1]), "poison": np.array([8, 9, 7]), "suspicious": np.arange(2, 7)}
+    r = split_report(sets, poisoned, values)
+    assert r["poison_in_clean_set_pct"] == 0 and r["poison_in_poison_set_pct"] == pytest.approx(200 / 3)
+    assert r["poison_recall_pct"] == 100 and r["auroc"] == 1.0 and r["n_uncertain_set"] == 5
+
+
+# ------------------------------------------------------------------ the scripts on a planted trigger
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory):
+    """noTrans (4 epochs, 20 % BadNets, learns the trigger) -> fine-tune 1 epoch -> FCT -> gamma -> split."""
+    root = tmp_path_factory.mktemp("sd") / "saved"
+    common = ("--poison_rate", 0.2)
+    load_script("train_attack_noTrans").main(
+        parse_script_args("train_attack_noTrans", root, *common, "--epochs", 4, "--lr", 0.05))
+    load_script("finetune_attack_noTrans").main(
+        parse_script_args("finetune_attack_noTrans", root, *common, "--epochs", 1))
+    args = parse_script_args("calculate_consistency", root, *common)
+    values = load_script("calculate_consistency").main(args)
+    gamma = load_script("calculate_gamma").main(parse_script_args("calculate_gamma", root, *common))
+    report = load_script("separate_samples").main(
+        parse_script_args("separate_samples", root, *common, "--batch_size", 1))
+    return root, args, values, gamma, report
+
+
+def test_fct_ranks_planted_poison_above_clean(sd_run):
+    root, args, values, _, report = sd_run
+    run = backdoor_dir(args, "noTrans_ftsimi")
+    poison = np.loadtxt(run / "0_poison.txt")
+    clean = np.loadtxt(run / "0_clean.txt")
+    assert len(poison) == 360 and len(clean) == 1640 and len(np.loadtxt(run / "0_all.txt")) == 2000
+    assert np.median(poison) > np.median(clean)
+    assert report["auroc"] > 0.7   # measured 0.79 (width 8, 1 fine-tuning epoch); chance is 0.5
+    assert report["poison_in_poison_set_pct"] > report["poison_in_clean_set_pct"]
+
+
+def test_rerun_overwrites_fct_files_instead_of_appending(sd_run):
+    root, args, _, _, _ = sd_run
+    load_script("calculate_consistency").main(parse_script_args("calculate_consistency", root, "--poison_rate", 0.2))
+    assert len(np.loadtxt(backdoor_dir(args, "noTrans_ftsimi") / "0_all.txt")) == 2000
+
+
+def test_split_files_partition_the_training_set(sd_run):
+    root, args, values, gamma, report = sd_run
+    folder = split_dir(args)
+    assert folder.name == "gridTrigger_0.2_0.05"
+    saved = json.loads((folder / "split_report.json").read_text())
+    for key in ("n_clean_set", "n_poison_set", "n_uncertain_set", "poison_in_clean_set_pct",
+                "poison_in_poison_set_pct", "poison_in_uncertain_set_pct", "poison_recall_pct", "auroc"):
+        assert key in saved
+    assert (saved["n_clean_set"], saved["n_poison_set"]) == (400, 100)
+    split = load_split(folder, args)
+    idx = np.concatenate([split[k]["indices"].numpy() for k in SET_NAMES])
+    assert sorted(idx.tolist()) == list(range(2000))
+    clean_idx = split["clean"]["indices"].numpy()
+    assert values[clean_idx].max() <= np.sort(values)[400] + 1e-12   # the split agrees with gamma_c
+    assert gamma["gamma_low"] == pytest.approx(np.sort(values)[400])
+    assert split["poison"]["images"].dtype == torch.uint8 and split["poison"]["images"].shape[1:] == (3, 32, 32)
