@@ -42,7 +42,7 @@ if [ "$QUICK" = 1 ]; then
   # CPU scale: the subset has ~1/10 of CIFAR-10, so short runs get ~10x the epochs (same SGD steps)
   E_NOTRANS=20; E_FT=10; E_WITH=40; SCHED_WITH="20 30"; E_CLEAN=40
   DBR_FLAGS="--epochs 20 --lr 1e-4"
-  ST_FLAGS="--time_budget 5"; E_CLS=10
+  ST_FLAGS="--time_budget 2"; E_CLS=10
 else
   : "${ATTACKS:=$ALL}"
   : "${DATASET:=cifar10}"
