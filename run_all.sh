@@ -3,7 +3,7 @@
 # (clean model for CL, withTrans backdoored model, SD steps 1-5, D-BR, D-ST), then the report.
 #
 #   bash run_all.sh [--quick] [--attacks "badnets blend" | all] [--dataset cifar10] [--data_file F.npz]
-#                   [--device auto|cpu|cuda] [--save_root DIR] [--epoch_scale X]
+#                   [--device auto|cpu|cuda] [--save_root DIR] [--epoch_scale X] [--st_epochs N] [--results_dir results]
 #
 # --quick: CPU scale (ResNet-18 --width 16, epochs scaled as README.md explains), on the synthetic
 #          dataset unless --data_file is given; attacks BadNets and Blend-Strip unless --attacks.
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
-QUICK=0; ATTACKS=""; DATASET=""; DATA_FILE=""; DEVICE=auto; SAVE_ROOT=./saved; SCALE=1
+QUICK=0; ATTACKS=""; DATASET=""; DATA_FILE=""; DEVICE=auto; SAVE_ROOT=./saved; SCALE=1; ST_EPOCHS=""; RESULTS_DIR=results
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -23,7 +23,9 @@ while [ $# -gt 0 ]; do
     --device) DEVICE="$2"; shift ;;
     --save_root) SAVE_ROOT="$2"; shift ;;
     --epoch_scale) SCALE="$2"; shift ;;   # multiplies every epoch count (tests use a tiny value)
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --st_epochs) ST_EPOCHS="$2"; shift ;; # D-ST extractor epochs instead of the time budget
+    --results_dir) RESULTS_DIR="$2"; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -52,6 +54,7 @@ else
   ST_FLAGS="--epochs 200"; E_CLS=10
 fi
 [ "$ATTACKS" = all ] && ATTACKS=$ALL
+[ -n "$ST_EPOCHS" ] && ST_FLAGS="--epochs $ST_EPOCHS"
 if [ -f "${DBR_CONFIG:-}" ]; then DBR_FLAGS=$(cat "$DBR_CONFIG"); fi
 
 scale() { $PY -c "import math,sys; print(max(1, math.ceil($1 * float(sys.argv[1]))))" "$SCALE"; }
@@ -100,4 +103,4 @@ for attack in $ATTACKS; do
   step dst_test "$attack" $PY ST/test.py "${A[@]}"
 done
 
-$PY report_results.py "${COMMON[@]}" --attacks $ATTACKS --times "$RUN_DIR/times.csv"
+$PY report_results.py "${COMMON[@]}" --attacks $ATTACKS --times "$RUN_DIR/times.csv" --out_dir "$RESULTS_DIR"

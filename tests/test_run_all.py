@@ -1,0 +1,81 @@
+"""run_all.sh and its report: the report on small fake logs; a tiny quick run that completes and
+resumes without redoing finished steps."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO_ROOT, load_script
+from utils.args import validate_args
+from utils.paths import backdoor_dir, split_dir, st_dir
+
+
+def _attack_args(save_root, st_root):
+    a = argparse.Namespace(dataset="synthetic", data_file=None, model="resnet18", width=16, seed=1000,
+                           poison_rate=0.1, target_type="all2one", target_label=0, trigger_type="gridTrigger",
+                           clean_ratio=0.2, poison_ratio=0.05, sd_width=None, save_root=str(save_root),
+                           st_root=str(st_root))
+    return validate_args(a)
+
+
+def test_report_on_fake_logs(tmp_path):
+    a = _attack_args(tmp_path / "saved", tmp_path / "st")
+    wt = backdoor_dir(a, "withTrans")
+    wt.mkdir(parents=True)
+    pd.DataFrame({"Epoch": [0, 1], "Test_ACC": [50.0, 61.5], "Test_ASR": [90.0, 99.25], "Test_ASR0": [3.0, 4.5]}
+                 ).to_csv(wt / "log.csv", index=False)
+    pd.DataFrame({"Epoch": [-1, 0, 1], "Test_ACC": [61.5, 60.0, 58.0], "Test_ASR": [99.25, 1.0, 12.0],
+                  "Test_ASR0": [4.5, 4.0, 3.5]}).to_csv(wt / "unlearn_purify.csv", index=False)
+    st = st_dir(a)
+    st.mkdir(parents=True)
+    pd.DataFrame({"Test_ACC": [44.4], "Test_ASR": [5.5], "Test_ASR0": [5.25]}).to_csv(st / "test.csv", index=False)
+    split_dir(a).mkdir(parents=True)
+    (split_dir(a) / "split_report.json").write_text(json.dumps(
+        {"poison_in_clean_set_pct": 0.1, "poison_in_poison_set_pct": 98.5, "auroc": 0.99}))
+    ft = backdoor_dir(a, "noTrans_ftsimi")
+    ft.mkdir(parents=True)
+    np.savetxt(ft / "9_clean.txt", np.random.default_rng(0).gamma(2, 1, 300))
+    np.savetxt(ft / "9_poison.txt", 8 + np.random.default_rng(1).random(30))
+    times = tmp_path / "times.csv"
+    times.write_text("badnets,withTrans,120.0\nbadnets,dbr,30.0\n")
+    report = load_script("report_results")
+    argv = ["--dataset", "synthetic", "--width", "16", "--save_root", str(tmp_path / "saved"), "--st_root",
+            str(tmp_path / "st"), "--attacks", "badnets", "--times", str(times), "--out_dir", str(tmp_path / "res")]
+    table = report.main(report.build_parser().parse_args(argv))
+    row = table.iloc[0]
+    assert row["Attack"] == "BadNets-all2one"
+    assert (row["BD ACC"], row["BD ASR"], row["D-BR ACC"], row["D-BR ASR"]) == (61.5, 99.25, 58.0, 12.0)
+    assert (row["D-BR best ACC"], row["D-BR best ASR"]) == (60.0, 1.0)      # best ACC - ASR row
+    assert (row["D-ST ACC"], row["D-ST ASR"], row["D-ST ASR0"]) == (44.4, 5.5, 5.25)
+    md = (tmp_path / "res" / "synthetic_w16.md").read_text()
+    assert "| BadNets-all2one | 61.50 | 99.25 |" in md and "Minutes per step" in md and "2.00" in md
+    assert (tmp_path / "res" / "synthetic_w16_fct.png").stat().st_size > 10_000
+
+
+def test_run_all_quick_completes_and_resumes(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = ["bash", str(REPO_ROOT / "run_all.sh"), "--quick", "--attacks", "badnets", "--epoch_scale", "0.05",
+           "--st_epochs", "1", "--device", "cpu", "--save_root", str(tmp_path / "saved"),
+           "--results_dir", str(tmp_path / "results")]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "[run]  badnets dst_test" in first.stdout and "[skip]" not in first.stdout
+    md = (tmp_path / "results" / "synthetic_w16.md").read_text()
+    assert "BadNets-all2one" in md
+    times = (tmp_path / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines()
+    assert len(times) == 11   # 11 steps: no clean model outside CL
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0
+    assert second.stdout.count("[skip]") == 11 and "[run]" not in second.stdout
+    assert len((tmp_path / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines()) == 11
+
+
+def test_run_all_rejects_unknown_attack(tmp_path):
+    out = subprocess.run(["bash", str(REPO_ROOT / "run_all.sh"), "--attacks", "nosuch", "--save_root",
+                          str(tmp_path)], capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 2 and "unknown attack" in out.stderr
