@@ -82,6 +82,11 @@ def test_delta_does_not_depend_on_batch_size_and_follows_the_seed():
     assert not np.allclose(a, c)
     assert (a >= 0).all()
     assert np.all(fct_values(model, images, CPU, ("none", "none"), seed=5) == 0)
+    # opt-in averaging over several tau: draws=1 is the paper's Delta, more draws average it
+    np.testing.assert_allclose(fct_values(model, images, CPU, seed=5, batch_size=16, draws=1), b, rtol=1e-6)
+    multi = fct_values(model, images, CPU, seed=5, batch_size=7, draws=3)
+    assert (multi >= 0).all() and not np.allclose(multi, b)
+    np.testing.assert_allclose(multi, fct_values(model, images, CPU, seed=5, batch_size=16, draws=3), rtol=1e-4)
 
 
 # ------------------------------------------------------------------ gamma and split

@@ -104,6 +104,8 @@ def _add_sd(p):
     g.add_argument("--gamma_high", type=float, default=None, help="gamma_p (default: from calculate_gamma.py)")
     g.add_argument("--trans1", default="rotate", choices=FCT_TRANSFORMS, help="first transform of tau")
     g.add_argument("--trans2", default="affine", choices=FCT_TRANSFORMS, help="second transform of tau")
+    g.add_argument("--fct_draws", type=int, default=1,
+                   help="opt-in, beyond the paper: average Delta over this many random tau per sample")
     g.add_argument("--sd_width", type=int, default=None,
                    help="width of the SD models whose split is used (default: --width)")
 

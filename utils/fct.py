@@ -33,26 +33,31 @@ def intra_class_criterion(model, x, y):
 
 
 @torch.no_grad()
-def fct_values(model, images, rt, transforms=("rotate", "affine"), seed=0, batch_size=512):
+def fct_values(model, images, rt, transforms=("rotate", "affine"), seed=0, batch_size=512, draws=1):
     """FCT metric Delta(x) = mean_d (f(x) - f(tau(x)))^2 for every image (SPEC section 3.3).
 
     images: uint8 (N, 3, H, W); f = model.features in eval mode; tau applies ``transforms`` in
     order, each sample with its own random parameters, drawn for all N samples up front from
-    ``seed`` (so Delta does not depend on the batch size). Returns a float64 numpy array (N,).
+    ``seed`` (so Delta does not depend on the batch size). draws > 1 (opt-in, beyond the paper)
+    averages Delta over that many independent tau per sample; the first draw is the draws=1 tau.
+    Returns a float64 numpy array (N,).
     """
     model.eval()
     n, size = len(images), images.shape[-1]
     g = generator(seed)
-    params = [(name, sample_fct_params(name, n, g, size)) for name in transforms]
-    out = np.empty(n, dtype=np.float64)
+    taus = [[(name, sample_fct_params(name, n, g, size)) for name in transforms] for _ in range(draws)]
+    out = np.zeros(n, dtype=np.float64)
     for i in range(0, n, batch_size):
         x = rt.images(images[i:i + batch_size])
-        xt = x
-        for name, p in params:
-            xt = apply_fct_transform(name, xt, {k: v[i:i + batch_size] for k, v in p.items()})
-        with rt.autocast():  # one forward for x and tau(x): BN is in eval mode, so they do not mix
-            f = model.features(torch.cat([x, xt.contiguous(memory_format=torch.channels_last)])).float()
-        out[i:i + len(x)] = ((f[:len(x)] - f[len(x):]) ** 2).mean(1).cpu().numpy()
+        views = [x]
+        for tau in taus:
+            xt = x
+            for name, p in tau:
+                xt = apply_fct_transform(name, xt, {k: v[i:i + batch_size] for k, v in p.items()})
+            views.append(xt.contiguous(memory_format=torch.channels_last))
+        with rt.autocast():  # one forward for x and its tau(x): BN is in eval mode, so they do not mix
+            f = model.features(torch.cat(views)).float().view(len(views), len(x), -1)
+        out[i:i + len(x)] = ((f[:1] - f[1:]) ** 2).mean(2).mean(0).cpu().numpy()
     return out
 
 
@@ -151,5 +156,6 @@ def compute_fct(args, rt, batch_size=512):
     model = prepare_model(model, rt)
     train_set, _ = load_attack_data(args, rt)
     t0 = time.time()
-    values = fct_values(model, train_set.images, rt, (args.trans1, args.trans2), args.seed, batch_size)
+    values = fct_values(model, train_set.images, rt, (args.trans1, args.trans2), args.seed, batch_size,
+                        getattr(args, "fct_draws", 1))
     return values, train_set, path, time.time() - t0
