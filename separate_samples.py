@@ -36,15 +36,14 @@ def choose_sets(args, values, prefix):
         print(f"threshold rule: gamma_low {args.gamma_low}, gamma_high {args.gamma_high}")
         return split_by_threshold(values, args.gamma_low, args.gamma_high), "threshold"
     gamma_file = Path(f"{prefix}_gamma.json")
-    if gamma_file.exists():
-        saved = json.loads(gamma_file.read_text())
-        if (saved["clean_ratio"], saved["poison_ratio"]) != (args.clean_ratio, args.poison_ratio):
-            raise UserError(f"{gamma_file} was computed for alpha_c {saved['clean_ratio']}, alpha_p "
-                            f"{saved['poison_ratio']}; rerun calculate_gamma.py or pass matching ratios")
+    saved = json.loads(gamma_file.read_text()) if gamma_file.exists() else None
+    if saved and (saved["clean_ratio"], saved["poison_ratio"]) == (args.clean_ratio, args.poison_ratio):
         print(f"gamma from {gamma_file}: gamma_c {saved['gamma_low']:.6g}, gamma_p {saved['gamma_high']:.6g}"
               " (applied as ranks of alpha_c, alpha_p)")
     else:
-        print(f"no {gamma_file.name}: selecting by the ranks of alpha_c {args.clean_ratio}, alpha_p {args.poison_ratio}")
+        why = (f"{gamma_file.name} is for alpha_c {saved['clean_ratio']}, alpha_p {saved['poison_ratio']}"
+               if saved else f"no {gamma_file.name}")
+        print(f"{why}: selecting by the ranks of alpha_c {args.clean_ratio}, alpha_p {args.poison_ratio}")
     sets, ties = split_by_rank(values, args.clean_ratio, args.poison_ratio, args.seed)
     if ties:
         print("warning: equal Delta values straddled a threshold; ties were broken by a seeded random order")

@@ -46,6 +46,10 @@ def build_parser():
     return p
 
 
+def pct(hits, n):
+    return 100.0 * hits / n if n else float("nan")
+
+
 def mixed_ce_step(model, data, rt, g, lam):
     """The loss of one batch of indices: one augmented view, CE(D_c) - lam * CE(D_p)."""
     def step(idx):
@@ -85,20 +89,20 @@ def main(args):
     g = generator(args.seed)
     step = mixed_ce_step(model, data, rt, g, 0.0 if args.undefended else args.lambda_p)
     print(f"run folder: {run_dir}\nextractor {extractor_path}\n{len(data.labels)} training images, device {rt.device}")
+    meta = {"kind": CLASSIFIER_KIND, "extractor": str(Path(extractor_path).resolve()),
+            "encoder_fingerprint": encoder_fp}
 
     for epoch in range(args.epochs):
         t0 = time.time()
         r = run_epoch(model, len(data.labels), args.batch_size, g, step, optimizer, lr_at, epoch, f"linear {epoch}")
         loss, c, lr = r["loss"], r["counts"], r["lr"]
         metrics = evaluate(model, tests, rt, args.target_label)
-        pct = lambda a, b: 100.0 * a / b if b else float("nan")  # noqa: E731
         logger.write({"Epoch": epoch, "Train_Loss": loss, "Train_ACC_Dc": pct(c["hit_c"], c["n_c"]),
                       "Train_ACC_Dp": pct(c["hit_p"], c["n_p"]), **metrics, "LR": lr, "Seconds": time.time() - t0})
         print(f"epoch {epoch:2d}  loss {loss:.4f}  {format_metrics(metrics)}  ({time.time() - t0:.1f} s)")
-        extra = {"kind": CLASSIFIER_KIND, "extractor": str(Path(extractor_path).resolve()), "encoder_fingerprint": encoder_fp}
         if (epoch + 1) % max(args.save_freq, 1) == 0:
-            save_checkpoint(run_dir / f"ckpt_epoch_{epoch}.pth", args, model.linear, epoch=epoch, **extra)
-    save_checkpoint(run_dir / "last.pth", args, model.linear, epoch=args.epochs - 1, **extra)
+            save_checkpoint(run_dir / f"ckpt_epoch_{epoch}.pth", args, model.linear, epoch=epoch, **meta)
+    save_checkpoint(run_dir / "last.pth", args, model.linear, epoch=args.epochs - 1, **meta)
     if weights_fingerprint(model.encoder) != encoder_fp:  # MoCo-style sanity check: the encoder stayed frozen
         raise RuntimeError("the frozen encoder changed during classifier training")
     print(f"kept the LAST epoch's classifier (no model selection on the test set): {run_dir / 'last.pth'}")
