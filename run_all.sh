@@ -57,6 +57,9 @@ else
   ST_FLAGS="--epochs 200"; E_CLS=10
 fi
 [ "$ATTACKS" = all ] && ATTACKS=$ALL
+for attack in $ATTACKS; do
+  if [ -z "${TRIGGER[$attack]:-}" ]; then echo "run_all.sh: unknown attack '$attack' (choose from: $ALL)" >&2; exit 2; fi
+done
 [ -n "$ST_EPOCHS" ] && ST_FLAGS="--epochs $ST_EPOCHS"
 
 scale() { $PY -c "import math,sys; print(max(1, math.ceil($1 * float(sys.argv[1]))))" "$SCALE"; }
@@ -65,7 +68,7 @@ E_NOTRANS=$(scale $E_NOTRANS); E_FT=$(scale $E_FT); E_WITH=$(scale $E_WITH); E_C
 COMMON=(--dataset "$DATASET" --width "$WIDTH" --device "$DEVICE" --save_root "$SAVE_ROOT")
 [ -n "$DATA_FILE" ] && COMMON+=(--data_file "$(realpath "$DATA_FILE")")
 TAG=$DATASET${DATA_FILE:+-$(basename "${DATA_FILE%.npz}")}
-RUN_DIR=$SAVE_ROOT/run_all/$TAG$([ "$QUICK" = 1 ] && echo _quick)
+RUN_DIR=$SAVE_ROOT/run_all/$TAG; [ "$QUICK" = 1 ] && RUN_DIR+=_quick
 mkdir -p "$RUN_DIR"
 
 # step NAME ATTACK COMMAND...: run unless done; log to $RUN_DIR/ATTACK/NAME.log; time into times.csv
@@ -86,7 +89,6 @@ step() {
 }
 
 for attack in $ATTACKS; do
-  if [ -z "${TRIGGER[$attack]:-}" ]; then echo "run_all.sh: unknown attack '$attack' (choose from: $ALL)" >&2; exit 2; fi
   A=("${COMMON[@]}" --target_type "${TARGET[$attack]}" --trigger_type "${TRIGGER[$attack]}")
   echo "== $attack (${TRIGGER[$attack]}, ${TARGET[$attack]})"
   if [ "$attack" = cl ]; then

@@ -79,3 +79,4 @@ def test_run_all_rejects_unknown_attack(tmp_path):
     out = subprocess.run(["bash", str(REPO_ROOT / "run_all.sh"), "--attacks", "nosuch", "--save_root",
                           str(tmp_path)], capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
     assert out.returncode == 2 and "unknown attack" in out.stderr
+    assert not tmp_path.joinpath("run_all").exists()   # nothing written for bad input
