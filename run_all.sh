@@ -44,7 +44,7 @@ if [ "$QUICK" = 1 ]; then
   # CPU scale: the subset has ~1/10 of CIFAR-10, so short runs get ~10x the epochs (same SGD steps)
   E_NOTRANS=20; E_FT=10; E_WITH=40; SCHED_WITH="20 30"; E_CLEAN=40
   # the best CPU-scale settings measured so far (BENCHMARKS.md): opt-in, beyond the paper
-  SD_FLAGS="--fct_draws 4"
+  SD_FLAGS="--fct_draws 4"; SPLIT=(--clean_ratio 0.5 --poison_ratio 0.05)
   E_DBR=60; DBR_FLAGS="--lr 3e-3 --ascent_bound 2.3 --lr_schedule cosine"
   ST_FLAGS="--time_budget 2"; E_CLS=10
 else
@@ -52,7 +52,7 @@ else
   : "${DATASET:=cifar10}"
   WIDTH=64
   E_NOTRANS=2; E_FT=10; E_WITH=200; SCHED_WITH="100 150"; E_CLEAN=200
-  SD_FLAGS=""
+  SD_FLAGS=""; SPLIT=(--clean_ratio 0.2 --poison_ratio 0.05)
   E_DBR=20; DBR_FLAGS="--lr 1e-4"
   ST_FLAGS="--epochs 200"; E_CLS=10
 fi
@@ -99,12 +99,12 @@ for attack in $ATTACKS; do
   step sd2_finetune "$attack" $PY finetune_attack_noTrans.py "${A[@]}" --epochs "$E_FT" --overwrite
   step sd3_fct "$attack" $PY calculate_consistency.py "${A[@]}" $SD_FLAGS
   step sd3_plot "$attack" $PY visualize_consistency.py "${A[@]}"
-  step sd4_gamma "$attack" $PY calculate_gamma.py "${A[@]}"
-  step sd5_split "$attack" $PY separate_samples.py "${A[@]}" $SD_FLAGS
-  step dbr "$attack" $PY unlearn_relearn.py "${A[@]}" --epochs "$E_DBR" $DBR_FLAGS --overwrite
-  step dst_extractor "$attack" $PY ST/train_extractor.py "${A[@]}" $ST_FLAGS --overwrite
-  step dst_classifier "$attack" $PY ST/train_classifier.py "${A[@]}" --epochs "$E_CLS" --overwrite
-  step dst_test "$attack" $PY ST/test.py "${A[@]}"
+  step sd4_gamma "$attack" $PY calculate_gamma.py "${A[@]}" "${SPLIT[@]}"
+  step sd5_split "$attack" $PY separate_samples.py "${A[@]}" "${SPLIT[@]}" $SD_FLAGS
+  step dbr "$attack" $PY unlearn_relearn.py "${A[@]}" "${SPLIT[@]}" --epochs "$E_DBR" $DBR_FLAGS --overwrite
+  step dst_extractor "$attack" $PY ST/train_extractor.py "${A[@]}" "${SPLIT[@]}" $ST_FLAGS --overwrite
+  step dst_classifier "$attack" $PY ST/train_classifier.py "${A[@]}" "${SPLIT[@]}" --epochs "$E_CLS" --overwrite
+  step dst_test "$attack" $PY ST/test.py "${A[@]}" "${SPLIT[@]}"
 done
 
-$PY report_results.py "${COMMON[@]}" --attacks $ATTACKS --times "$RUN_DIR/times.csv" --out_dir "$RESULTS_DIR"
+$PY report_results.py "${COMMON[@]}" "${SPLIT[@]}" --attacks $ATTACKS --times "$RUN_DIR/times.csv" --out_dir "$RESULTS_DIR"
