@@ -12,9 +12,7 @@ from utils.train import train_model
 
 
 def build_parser():
-    parser = shared_parser(__doc__, epochs=10, lr=0.01, save_freq=1)
-    parser.set_defaults(checkpoint_load=None)
-    return parser
+    return shared_parser(__doc__, epochs=10, lr=0.01, save_freq=1)
 
 
 def main(args):

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from conftest import REPO_ROOT, load_script
 from utils.args import validate_args

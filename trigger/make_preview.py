@@ -9,7 +9,6 @@ and the amplified difference, all upscaled with nearest neighbour so single pixe
 """
 from pathlib import Path
 
-import numpy as np
 
 from dataloader_bd import load_raw
 from utils.args import build_parser as shared_parser, validate_args
