@@ -61,3 +61,22 @@ def subset_path():
     if not Path(path).is_file():
         pytest.skip(f"DBD_SUBSET={path} does not exist")
     return Path(path)
+
+
+@pytest.fixture(scope="session")
+def sd_chain(tmp_path_factory):
+    """SD steps 1-5 once per test session on synthetic data with a planted trigger (20 % BadNets):
+    noTrans 4 epochs (learns the trigger), fine-tune 1 epoch, FCT, gamma, split.
+    Returns (save_root, the FCT step's args, Delta values, gamma result, split report)."""
+    root = tmp_path_factory.mktemp("sd") / "saved"
+    common = ("--poison_rate", 0.2)
+    load_script("train_attack_noTrans").main(
+        parse_script_args("train_attack_noTrans", root, *common, "--epochs", 4, "--lr", 0.05))
+    load_script("finetune_attack_noTrans").main(
+        parse_script_args("finetune_attack_noTrans", root, *common, "--epochs", 1))
+    args = parse_script_args("calculate_consistency", root, *common)
+    values = load_script("calculate_consistency").main(args)
+    gamma = load_script("calculate_gamma").main(parse_script_args("calculate_gamma", root, *common))
+    report = load_script("separate_samples").main(
+        parse_script_args("separate_samples", root, *common, "--batch_size", 1))
+    return root, args, values, gamma, report

@@ -132,21 +132,10 @@ def test_auroc_and_report():
 
 
 # ------------------------------------------------------------------ the scripts on a planted trigger
-@pytest.fixture(scope="module")
-def sd_run(tmp_path_factory):
-    """noTrans (4 epochs, 20 % BadNets, learns the trigger) -> fine-tune 1 epoch -> FCT -> gamma -> split."""
-    root = tmp_path_factory.mktemp("sd") / "saved"
-    common = ("--poison_rate", 0.2)
-    load_script("train_attack_noTrans").main(
-        parse_script_args("train_attack_noTrans", root, *common, "--epochs", 4, "--lr", 0.05))
-    load_script("finetune_attack_noTrans").main(
-        parse_script_args("finetune_attack_noTrans", root, *common, "--epochs", 1))
-    args = parse_script_args("calculate_consistency", root, *common)
-    values = load_script("calculate_consistency").main(args)
-    gamma = load_script("calculate_gamma").main(parse_script_args("calculate_gamma", root, *common))
-    report = load_script("separate_samples").main(
-        parse_script_args("separate_samples", root, *common, "--batch_size", 1))
-    return root, args, values, gamma, report
+@pytest.fixture
+def sd_run(sd_chain):
+    """The session's SD chain (tests/conftest.py): noTrans -> fine-tune -> FCT -> gamma -> split."""
+    return sd_chain
 
 
 def test_fct_ranks_planted_poison_above_clean(sd_run):

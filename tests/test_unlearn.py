@@ -40,16 +40,11 @@ def test_one_ascent_step_raises_the_loss_on_dp():
 
 
 @pytest.fixture(scope="module")
-def victim(tmp_path_factory):
-    """A tiny withTrans model and a split from the SD steps, on synthetic data (20 % BadNets)."""
-    root = tmp_path_factory.mktemp("dbr") / "saved"
-    common = ("--poison_rate", 0.2)
+def victim(sd_chain):
+    """A tiny withTrans model beside the session's SD split (synthetic data, 20 % BadNets)."""
+    root = sd_chain[0]
     load_script("train_attack_withTrans").main(
-        parse_script_args("train_attack_withTrans", root, *common, "--epochs", 2, "--lr", 0.05))
-    load_script("train_attack_noTrans").main(
-        parse_script_args("train_attack_noTrans", root, *common, "--epochs", 2, "--lr", 0.05))
-    load_script("finetune_attack_noTrans").main(parse_script_args("finetune_attack_noTrans", root, *common, "--epochs", 1))
-    load_script("separate_samples").main(parse_script_args("separate_samples", root, *common))
+        parse_script_args("train_attack_withTrans", root, "--poison_rate", 0.2, "--epochs", 2, "--lr", 0.05))
     return root
 
 
