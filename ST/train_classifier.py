@@ -19,9 +19,9 @@ from utils.augment import supcon_view
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError, run_main
 from utils.logger import CSVLogger, print_header
-from utils.supcon import (CLASSIFIER_KIND, FrozenEncoderClassifier, add_st_flags, classifier_dir, default_extractor,
-                          load_extractor, load_st_sets, mixed_cross_entropy, prepare_args, run_epoch, start_run,
-                          weights_fingerprint)
+from utils.supcon import (CLASSIFIER_KIND, FrozenEncoderClassifier, add_st_flags, balanced_class_weights,
+                          classifier_dir, default_extractor, load_extractor, load_st_sets, mixed_cross_entropy,
+                          prepare_args, run_epoch, start_run, warmup_cosine_lr, weights_fingerprint)
 from utils.train import evaluate, format_metrics, generator, make_runtime, prepare_model, seed_everything
 
 LOG_COLUMNS = ["Epoch", "Train_Loss", "Train_ACC_Dc", "Train_ACC_Dp", "Test_ACC", "Test_ASR", "Test_ASR0",
@@ -42,6 +42,12 @@ def build_parser():
     g.add_argument("--warm_epochs", type=float, default=0,
                    help="[not in the paper] linear lr warm-up from --warmup_from over this many epochs")
     g.add_argument("--warmup_from", type=float, default=0.01)
+    g.add_argument("--cosine", action="store_true",
+                   help="[not in the paper] cosine decay of the lr to lr x 0.001 over the run (after the warm-up): "
+                        "a stable last epoch, which is the one kept")
+    g.add_argument("--balance_classes", action="store_true",
+                   help="[not in the paper] weight CE(D_c) by inverse class frequency in D_c: the FCT split "
+                        "over-represents the target class in D_c, which the linear layer would learn as a prior")
     g.add_argument("--learning_rate", dest="lr", type=float, default=argparse.SUPPRESS, help="alias of --lr")
     return p
 
@@ -50,7 +56,7 @@ def pct(hits, n):
     return 100.0 * hits / n if n else float("nan")
 
 
-def mixed_ce_step(model, data, rt, g, lam):
+def mixed_ce_step(model, data, rt, g, lam, class_weight=None):
     """The loss of one batch of indices: one augmented view, CE(D_c) - lam * CE(D_p)."""
     def step(idx):
         x = supcon_view(rt.images(data.images[idx]), g).contiguous(memory_format=torch.channels_last)
@@ -61,7 +67,7 @@ def mixed_ce_step(model, data, rt, g, lam):
         hit = logits.argmax(1) == y
         counts = {"n_c": (~in_p).sum().item(), "hit_c": (hit & ~in_p).sum().item(),
                   "n_p": in_p.sum().item(), "hit_p": (hit & in_p).sum().item()}
-        return mixed_cross_entropy(logits, y, in_p, lam), counts
+        return mixed_cross_entropy(logits, y, in_p, lam, class_weight), counts
     return step
 
 
@@ -83,11 +89,16 @@ def main(args):
     encoder_fp = weights_fingerprint(model.encoder)
     optimizer = torch.optim.SGD(model.linear.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    lr_at = lambda t: (args.warmup_from + (args.lr - args.warmup_from) * t / args.warm_epochs  # noqa: E731
-                       if t < args.warm_epochs else args.lr)
+    lr_at = lambda t: (warmup_cosine_lr(t, args.epochs, args.lr, args.warm_epochs, args.warmup_from)  # noqa: E731
+                       if args.cosine or t < args.warm_epochs else args.lr)
     logger = CSVLogger(args.log or run_dir / "log.csv", LOG_COLUMNS)
     g = generator(args.seed)
-    step = mixed_ce_step(model, data, rt, g, 0.0 if args.undefended else args.lambda_p)
+    class_weight = None
+    if args.balance_classes:
+        class_weight = balanced_class_weights(data.labels[~data.in_poison_set].cpu(), args.num_classes)
+        print("class weights of CE(D_c): " + " ".join(f"{w:.2f}" for w in class_weight.tolist()))
+        class_weight = class_weight.to(rt.device)
+    step = mixed_ce_step(model, data, rt, g, 0.0 if args.undefended else args.lambda_p, class_weight)
     print(f"run folder: {run_dir}\nextractor {extractor_path}\n{len(data.labels)} training images, device {rt.device}")
     meta = {"kind": CLASSIFIER_KIND, "extractor": str(Path(extractor_path).resolve()),
             "encoder_fingerprint": encoder_fp}

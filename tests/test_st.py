@@ -112,6 +112,18 @@ def test_mixed_loss_pushes_poison_predictions_away_and_is_finite_without_poison(
         F.cross_entropy(logits, labels).item())
 
 
+def test_balanced_weights_give_every_present_class_the_same_total_weight():
+    from utils.supcon import balanced_class_weights
+    labels = torch.tensor([0, 0, 0, 0, 1, 2, 2])
+    w = balanced_class_weights(labels, 4)
+    per_class = torch.zeros(4).index_add_(0, labels, w[labels])
+    assert torch.allclose(per_class[:3], per_class[0].expand(3)) and w[3] == 0
+    logits = torch.randn(7, 4)
+    in_p = torch.zeros(7, dtype=torch.bool)
+    manual = (F.cross_entropy(logits, labels, reduction="none") * w[labels]).sum() / w[labels].sum()
+    assert mixed_cross_entropy(logits, labels, in_p, class_weight=w).item() == pytest.approx(manual.item())
+
+
 # ----------------------------------------------------------------------------- scripts on synthetic data
 def _args(parser_module, tmp_path, *extra):
     common = ["--dataset", "synthetic", "--width", "4", "--device", "cpu", "--save_root", str(tmp_path / "saved"),

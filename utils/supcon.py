@@ -69,17 +69,26 @@ def semi_supcon_loss(features, labels, trusted, temperature=0.1, base_temperatur
     return -(temperature / base_temperature) * mean_log_prob_pos.mean()
 
 
-def mixed_cross_entropy(logits, labels, is_poison, lam=0.001):
+def mixed_cross_entropy(logits, labels, is_poison, lam=0.001, class_weight=None):
     """SPEC 4.2: CE(D_c) - lam * CE(D_p), each CE the mean over the batch samples of its set.
 
     logits (B, C), labels (B,), is_poison (B,) bool (the sample is in D_p). A set absent from
     the batch contributes 0 (never NaN). With no D_p at all this is the plain cross-entropy.
+    class_weight (C,), optional: CE(D_c) becomes the class-weighted mean (F.cross_entropy's weight).
     """
     zero = logits.sum() * 0.0  # keeps the graph and the dtype
     clean = ~is_poison
-    ce_clean = F.cross_entropy(logits[clean], labels[clean]) if clean.any() else zero
+    ce_clean = F.cross_entropy(logits[clean], labels[clean], weight=class_weight) if clean.any() else zero
     ce_poison = F.cross_entropy(logits[is_poison], labels[is_poison]) if is_poison.any() else zero
     return ce_clean - lam * ce_poison
+
+
+def balanced_class_weights(labels, num_classes):
+    """w_k = n / (K_present * n_k) for the classes present in ``labels`` (0 for absent ones), so that
+    every class weighs the same in CE(D_c) whatever its share of D_c."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    w = torch.where(counts > 0, counts.sum() / (counts.clamp_min(1) * (counts > 0).sum()), torch.zeros_like(counts))
+    return w
 
 
 # ----------------------------------------------------------------------------------- networks
@@ -246,8 +255,16 @@ def default_extractor(args):
 
 
 def classifier_dir(args):
+    """The classifier's run folder, named as in paper-readme; the opt-in changes to the paper's
+    recipe add a suffix (_norm, _bal, _cos, _warm<E>, _lam<lambda>) so that they never share a folder."""
+    extra = "".join(s for s, on in (("_norm", getattr(args, "normalize_features", False)),
+                                     ("_cos", getattr(args, "cosine", False)),
+                                     ("_bal", getattr(args, "balance_classes", False)),
+                                     (f"_warm{_num(getattr(args, 'warm_epochs', 0))}", getattr(args, "warm_epochs", 0)),
+                                     (f"_lam{_num(getattr(args, 'lambda_p', 0.001))}",
+                                      getattr(args, "lambda_p", 0.001) != 0.001)) if on)
     return st_run_root(args) / (f"Linear_{args.dataset}_{args.model}_lr_{float(args.lr)}"
-                                f"_decay_{_num(args.weight_decay)}_bsz_{args.batch_size}")
+                                f"_decay_{_num(args.weight_decay)}_bsz_{args.batch_size}{extra}")
 
 
 def start_run(args, run_dir):
