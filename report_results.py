@@ -12,20 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils.args import build_parser as shared_parser, validate_args
+from utils.args import PAPER_ATTACKS as ATTACKS, build_parser as shared_parser, validate_args
 from utils.errors import run_main
 from utils.paths import REPO_ROOT, backdoor_dir, dataset_tag, split_dir, st_dir
 from utils.tables import to_markdown
 
-ATTACKS = {  # run_all.sh name -> (target_type, trigger_type, name in the paper's table)
-    "badnets": ("all2one", "gridTrigger", "BadNets-all2one"),
-    "badnets_all2all": ("all2all", "squareTrigger", "BadNets-all2all"),
-    "trojan": ("all2one", "trojanTrigger", "Trojan"),
-    "blend": ("all2one", "signalTrigger", "Blend-Strip"),
-    "kitty": ("all2one", "kittyTrigger", "Blend-Kitty"),
-    "sig": ("cleanLabel", "sigTrigger", "SIG"),
-    "cl": ("cleanLabel", "fourCornerTrigger", "CL"),
-}
 PAPER_CIFAR10 = {  # paper-readme.md: backdoored ACC/ASR, D-BR ACC/ASR, D-ST ACC/ASR
     "BadNets-all2one": (91.64, 100.00, 92.83, 0.40, 92.77, 0.03),
     "BadNets-all2all": (92.79, 88.01, 92.61, 0.56, 89.22, 2.05),

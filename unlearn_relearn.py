@@ -11,7 +11,6 @@ here; dataset, attack, poison rate and seed must match.
 """
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ from utils.logger import CSVLogger, print_header
 from utils.paths import backdoor_dir, latest_checkpoint, split_dir
 from utils.split import load_split
 from utils.train import (evaluate, format_metrics, generator, load_attack_data, make_optimizer, make_runtime,
-                         prepare_model, seed_everything, train_epoch)
+                         place_train_data, prepare_model, seed_everything, train_epoch)
 
 COLUMNS = ["Epoch", "Test_ACC", "Test_ASR", "Test_ASR0", "Test_R-ACC", "Test_ACC_nontarget", "Unlearn_Loss",
            "Relearn_Loss", "Seconds"]
@@ -52,8 +51,7 @@ def bounded_ascent_criterion(bound):
 
 def as_train_data(s, rt):
     """A separated set as the tensors train_epoch expects."""
-    return SimpleNamespace(images=rt.place(s["images"]), labels=rt.place(s["labels"]),
-                           gt_labels=rt.place(s["gt_labels"]), is_clean=rt.place(~s["is_poisoned"]))
+    return place_train_data(rt, s["images"], s["labels"], s["gt_labels"], ~s["is_poisoned"])
 
 
 def output_paths(args, victim):

@@ -14,10 +14,8 @@ import json
 import time
 from pathlib import Path
 
-ATTACKS = {"badnets": ("all2one", "gridTrigger"), "badnets_all2all": ("all2all", "squareTrigger"),
-           "trojan": ("all2one", "trojanTrigger"), "blend": ("all2one", "signalTrigger"),
-           "kitty": ("all2one", "kittyTrigger"), "sig": ("cleanLabel", "sigTrigger"),
-           "cl": ("cleanLabel", "fourCornerTrigger")}
+from utils.args import PAPER_ATTACKS
+
 
 
 class Suite:
@@ -47,7 +45,7 @@ class Suite:
         return result
 
     def common(self, attack, width=16):
-        target_type, trigger = ATTACKS[attack]
+        target_type, trigger, _ = PAPER_ATTACKS[attack]
         argv = ["--width", str(width), "--save_root", self.opt.save_root, "--target_type", target_type,
                 "--trigger_type", trigger, "--device", self.opt.device]
         return argv + (["--data_file", self.opt.data_file] if self.opt.data_file else ["--dataset", "synthetic"])
@@ -131,7 +129,7 @@ def main(opt):
     plan = []
     for entry in opt.plan:
         phase, _, names = entry.partition(":")
-        names = list(ATTACKS) if names in ("", "all") else names.split(",")
+        names = list(PAPER_ATTACKS) if names in ("", "all") else names.split(",")
         plan += [(phase, a) for a in names]
     for phase, attack in plan:
         if suite.left() < 20:

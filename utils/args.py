@@ -34,6 +34,16 @@ TRIGGER_TYPES = ("gridTrigger", "squareTrigger", "trojanTrigger", "signalTrigger
                  "signalTrigger_imagenet")
 FCT_TRANSFORMS = ("rotate", "affine", "flip", "crop", "blur", "erase", "none")
 DEFAULT_SEED = 1000
+# the CIFAR-10 table's attacks: run_all.sh name -> (target_type, trigger_type, name in the paper's table)
+PAPER_ATTACKS = {
+    "badnets": ("all2one", "gridTrigger", "BadNets-all2one"),
+    "badnets_all2all": ("all2all", "squareTrigger", "BadNets-all2all"),
+    "trojan": ("all2one", "trojanTrigger", "Trojan"),
+    "blend": ("all2one", "signalTrigger", "Blend-Strip"),
+    "kitty": ("all2one", "kittyTrigger", "Blend-Kitty"),
+    "sig": ("cleanLabel", "sigTrigger", "SIG"),
+    "cl": ("cleanLabel", "fourCornerTrigger", "CL"),
+}
 
 
 def _add_data(p):

@@ -229,7 +229,7 @@ def fit(args, model, train_set, tests, rt, run_dir, *, augment=None, criterion=c
     save_poison_indices(run_dir, train_set, overwrite=args.overwrite and not resumed)
     log_path = args.log or run_dir / "log.csv"
     logger = CSVLogger(log_path, TRAIN_COLUMNS, append=resumed)
-    data = _on_device(train_set, rt)
+    data = place_train_data(rt, train_set.images, train_set.labels, train_set.gt_labels, train_set.is_clean)
     g = generator(args.seed + 7919 * start)  # a resumed run continues with its own stream of batches
     print(f"run folder: {run_dir}")
     for epoch in range(start, args.epochs):
@@ -296,7 +296,8 @@ def _prune(run_dir, epoch, args):
         (run_dir / f"{epoch}.tar").unlink(missing_ok=True)
 
 
-def _on_device(ds, rt):
+def place_train_data(rt, images, labels, gt_labels, is_clean):
+    """The tensors train_epoch expects, placed on the device (or pinned, for large datasets)."""
     from types import SimpleNamespace
-    return SimpleNamespace(images=rt.place(ds.images), labels=rt.place(ds.labels),
-                           gt_labels=rt.place(ds.gt_labels), is_clean=rt.place(ds.is_clean))
+    return SimpleNamespace(images=rt.place(images), labels=rt.place(labels), gt_labels=rt.place(gt_labels),
+                           is_clean=rt.place(is_clean))
