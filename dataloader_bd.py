@@ -171,6 +171,14 @@ def attack_labels(labels, target_type, target, num_classes):
     return labels.clone()
 
 
+def _trigger_device(args):
+    """Where a network-based trigger (SSBA's encoder) runs: the run's device."""
+    if getattr(args, "device", None) is None:
+        return torch.device("cpu")
+    from utils.args import resolve_device
+    return resolve_device(args)
+
+
 def build_datasets(args, clean_model=None, raw=None, poison=True):
     """The poisoned training set and the test sets of ``args``' attack.
 
@@ -184,7 +192,8 @@ def build_datasets(args, clean_model=None, raw=None, poison=True):
                   if poison else np.zeros(0, dtype=np.int64))
     idx = torch.from_numpy(poison_idx)
     ctx = TriggerContext(blend_image=getattr(args, "blend_image", None), pgd_model=clean_model,
-                         pgd_labels=y_train[idx])
+                         pgd_labels=y_train[idx], ssba_encoder=getattr(args, "ssba_encoder", None),
+                         dataset=args.dataset, device=_trigger_device(args))
     images, labels = x_train.clone(), y_train.clone()
     if len(idx):
         images[idx] = apply_trigger(args.trigger_type, x_train[idx], "train", ctx)

@@ -69,6 +69,8 @@ def _add_attack(p):
     g.add_argument("--clean_model", default=None,
                    help="fourCornerTrigger (CL): clean model for the PGD step "
                         "(default: last checkpoint of train_clean_withTrans.py)")
+    g.add_argument("--ssba_encoder", default=None,
+                   help="SSBA: encoder file of trigger/train_ssba_encoder.py (default: trigger/ssba_encoder_<dataset>.pt)")
 
 
 def _add_model(p):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import UserError
+from utils.ssba import default_encoder_path, encode_uint8, load_encoder
 
 ASSETS = Path(__file__).resolve().parent.parent / "trigger"
 GRID_PATCH = [[0, 0, 255], [0, 255, 0], [255, 0, 255]]  # the original's bottom-right pattern
@@ -32,7 +33,9 @@ class TriggerContext:
     blend_image: str = None      # kittyTrigger: image to blend (default trigger/hello_kitty.png)
     pgd_model: object = None     # fourCornerTrigger: clean model (float [0,1] NCHW -> logits)
     pgd_labels: object = None    # fourCornerTrigger: true labels of the images being poisoned
-    device: object = "cpu"
+    ssba_encoder: str = None     # SSBA: encoder file (default trigger/ssba_encoder_<dataset>.pt)
+    dataset: str = None          # SSBA: names the default encoder file
+    device: object = "cpu"       # SSBA: where the encoder runs
 
 
 def _blend(images, pattern, alpha=BLEND_ALPHA):
@@ -173,8 +176,17 @@ def four_corner_trigger(images, split, ctx):
 
 
 def ssba_trigger(images, split, ctx):
-    raise UserError("SSBA needs a trained encoder, which this version does not ship yet "
-                    "(see the SSBA issue); choose another --trigger_type")
+    """SSBA: every image gets its own small residual from the trained encoder, all hiding the
+    same secret code (trigger/train_ssba_encoder.py trains the encoder and draws the code)."""
+    if ctx.ssba_encoder is None and ctx.dataset is None:
+        raise UserError("SSBA needs an encoder file: pass --ssba_encoder (or --dataset for the default one)")
+    path = ctx.ssba_encoder or default_encoder_path(ctx.dataset)
+    encoder, _, config, code = load_encoder(path, ctx.dataset)
+    size = tuple(images.shape[-2:])
+    if size != (config["image_size"],) * 2:
+        raise UserError(f"SSBA encoder {path} was trained on {config['image_size']}x{config['image_size']} "
+                        f"images, but these are {size[0]}x{size[1]}; train one for this dataset")
+    return encode_uint8(encoder, images, code, ctx.device)
 
 
 TRIGGERS = {
