@@ -1,8 +1,9 @@
 """Draw ``trigger/preview.png``: one clean and one poisoned image for every CIFAR attack.
 
 Columns: BadNets-all2one (gridTrigger), BadNets-all2all (squareTrigger), Trojan, Blend-Strip,
-Blend-Kitty, SIG (training version, delta 40) and CL (test version: the four patches only; the
-training version also needs PGD against a clean model). Rows: the clean image, the poisoned image
+Blend-Kitty, SIG (training version, delta 40), CL (test version: the four patches only; the
+training version also needs PGD against a clean model) and SSBA (the encoder's sample-specific
+residual; trigger/ssba_encoder_cifar10.pt unless --ssba_encoder). Rows: the clean image, the poisoned image
 and the amplified difference, all upscaled with nearest neighbour so single pixels stay visible.
 
     python trigger/make_preview.py                       # real subset if present, else synthetic data
@@ -25,6 +26,7 @@ ATTACKS = [  # (title, trigger_type, split)
     ("Blend-Kitty\nkittyTrigger", "kittyTrigger", "train"),
     ("SIG (train, δ=40)\nsigTrigger", "sigTrigger", "train"),
     ("CL (test: patches)\nfourCornerTrigger", "fourCornerTrigger", "test"),
+    ("SSBA (sample-specific)\nSSBA", "SSBA", "train"),
 ]
 
 
@@ -37,6 +39,8 @@ def build_parser():
     g.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling factor")
     g.add_argument("--diff_gain", type=float, default=4.0, help="the difference row shows gain x |poisoned - clean|")
     g.add_argument("--blend_image", default=None, help="kittyTrigger: blend this image instead of the cat")
+    g.add_argument("--ssba_encoder", default=str(HERE / "ssba_encoder_cifar10.pt"),
+                   help="SSBA: the encoder of trigger/train_ssba_encoder.py")
     g.add_argument("--out", default=str(HERE / "preview.png"))
     return p
 
@@ -56,7 +60,7 @@ def main(args):
     if not 0 <= args.index < len(x_test):
         raise UserError(f"--index must be in 0..{len(x_test) - 1}")
     clean = x_test[args.index:args.index + 1]
-    ctx = TriggerContext(blend_image=args.blend_image)
+    ctx = TriggerContext(blend_image=args.blend_image, ssba_encoder=args.ssba_encoder)
     rows = ["clean", "poisoned", f"|difference| x{args.diff_gain:g}"]
     fig = Figure(figsize=(2.1 * len(ATTACKS), 2.1 * len(rows) + 0.5), dpi=100)
     FigureCanvasAgg(fig)
