@@ -16,26 +16,35 @@ def _uniform(n, low, high, g):
     return torch.rand(n, generator=g) * (high - low) + low
 
 
+def to_device(t, device):
+    """Move a small host tensor of random parameters to ``device`` without stalling a GPU: a copy
+    from pageable memory waits for every queued kernel, one from pinned memory does not."""
+    if t.device == torch.device(device) or torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def warp(x, angle=None, shift=None, flip=None, scale=None, center=None, mode="nearest"):
     """One affine warp per sample. angle: degrees (N,); shift: pixels (N, 2) as (dx, dy);
-    flip: bool (N,) horizontal flips; scale/center: (N, 2) crop size and centre in [-1, 1] units."""
+    flip: bool (N,) horizontal flips; scale/center: (N, 2) crop size and centre in [-1, 1] units.
+    The (N, 2, 3) matrices are built on the host, where the parameters were drawn, and travel to
+    the device in one copy."""
     n, _, h, w = x.shape
-    dev = x.device
-    theta = torch.zeros(n, 2, 3, device=dev)
+    theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     if angle is not None:
-        a = torch.deg2rad(angle.to(dev).float())
+        a = torch.deg2rad(angle.cpu().float())
         cos, sin = torch.cos(a), torch.sin(a)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos  # counter-clockwise, as torchvision
     if flip is not None:
-        theta[:, :, 0] *= torch.where(flip.to(dev), -1.0, 1.0)[:, None]
+        theta[:, :, 0] *= torch.where(flip.cpu(), -1.0, 1.0)[:, None]
     if shift is not None:  # input = R^T (output - t): t in normalised units (2 px / size)
-        t = shift.to(dev).float() * torch.tensor([2.0 / w, 2.0 / h], device=dev)
+        t = shift.cpu().float() * torch.tensor([2.0 / w, 2.0 / h])
         theta[:, :, 2] = -torch.einsum("nij,nj->ni", theta[:, :, :2], t)
     if scale is not None:
-        theta[:, :, :2] *= scale.to(dev).float()[:, :, None]
-        theta[:, :, 2] += center.to(dev).float()
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        theta[:, :, :2] *= scale.cpu().float()[:, :, None]
+        theta[:, :, 2] += center.cpu().float()
+    grid = F.affine_grid(to_device(theta, x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode="zeros", align_corners=False)
 
 
@@ -171,9 +180,9 @@ def color_jitter(x, g, strength=(0.4, 0.4, 0.4, 0.1), p=0.8):
     """ColorJitter(brightness, contrast, saturation, hue) applied with probability p per sample."""
     n, dev = len(x), x.device
     b, c, s, hue = strength
-    on = (torch.rand(n, generator=g) < p).to(dev)[:, None, None, None]
-    fb, fc, fs = (_uniform(n, 1 - v, 1 + v, g).to(dev)[:, None, None, None] for v in (b, c, s))
-    fh = _uniform(n, -hue, hue, g).to(dev)[:, None, None]
+    on = to_device(torch.rand(n, generator=g) < p, dev)[:, None, None, None]
+    fb, fc, fs = (to_device(_uniform(n, 1 - v, 1 + v, g), dev)[:, None, None, None] for v in (b, c, s))
+    fh = to_device(_uniform(n, -hue, hue, g), dev)[:, None, None]
     y = (x * fb).clamp(0, 1)
     y = ((y - _gray(y).mean((2, 3), keepdim=True)) * fc + _gray(y).mean((2, 3), keepdim=True)).clamp(0, 1)
     y = ((y - _gray(y)) * fs + _gray(y)).clamp(0, 1)
@@ -184,7 +193,7 @@ def color_jitter(x, g, strength=(0.4, 0.4, 0.4, 0.1), p=0.8):
 
 
 def random_grayscale(x, g, p=0.2):
-    on = (torch.rand(len(x), generator=g) < p).to(x.device)[:, None, None, None]
+    on = to_device(torch.rand(len(x), generator=g) < p, x.device)[:, None, None, None]
     return torch.where(on, _gray(x).expand_as(x), x)
 
 

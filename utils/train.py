@@ -61,9 +61,13 @@ def generator(seed):
     return g
 
 
-def batch_indices(n, batch_size, g=None):
-    """Index batches over n samples: a seeded permutation when g is given, in order otherwise."""
+def batch_indices(n, batch_size, g=None, device=None):
+    """Index batches over n samples: a seeded permutation when g is given, in order otherwise.
+    device: where the indices live (the device of the data they index: moved there once per epoch
+    instead of once per batch, since every small host-to-GPU copy waits for the GPU)."""
     order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
+    if device is not None:
+        order = order.to(device)
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
@@ -83,11 +87,14 @@ def train_epoch(model, data, optimizer, rt, g, criterion=cross_entropy, augment=
     (ASR) and as their true class (R-ACC), all in percent.
     """
     model.train()
-    sums = torch.zeros(6, dtype=torch.float64)  # loss, n, correct, n_poison, asr hits, racc hits
-    for idx in tqdm(batch_indices(len(data.labels), batch_size, g), desc=desc, leave=False, mininterval=1):
+    # running sums stay on the device (one host sync per epoch, not one per batch):
+    # loss, n, correct, n_poison, asr hits, racc hits
+    sums = torch.zeros(6, dtype=torch.float32, device=rt.device)
+    for idx in tqdm(batch_indices(len(data.labels), batch_size, g, device=data.labels.device),
+                    desc=desc, leave=False, mininterval=1):
         x = rt.images(data.images[idx])
-        if augment is not None:
-            x = augment(x, g)
+        if augment is not None:  # grid_sample returns NCHW: back to the layout the network runs in
+            x = augment(x, g).contiguous(memory_format=torch.channels_last)
         y = data.labels[idx].to(rt.device, non_blocking=True)
         with rt.autocast():
             loss, logits = criterion(model, x, y)
@@ -96,11 +103,12 @@ def train_epoch(model, data, optimizer, rt, g, criterion=cross_entropy, augment=
         optimizer.step()
         with torch.no_grad():
             pred = logits.argmax(1)
-            poisoned = ~data.is_clean[idx].to(rt.device)
-            gt = data.gt_labels[idx].to(rt.device)
-            sums += torch.tensor([loss.item() * len(y), len(y), (pred == y).sum().item(), poisoned.sum().item(),
-                                  ((pred == y) & poisoned).sum().item(), ((pred == gt) & poisoned).sum().item()],
-                                 dtype=torch.float64)
+            poisoned = ~data.is_clean[idx].to(rt.device, non_blocking=True)
+            gt = data.gt_labels[idx].to(rt.device, non_blocking=True)
+            hit, hit_gt = pred == y, pred == gt
+            counts = torch.stack([torch.ones_like(hit).sum(), hit.sum(), poisoned.sum(), (hit & poisoned).sum(),
+                                  (hit_gt & poisoned).sum()])
+            sums += torch.cat([loss.detach().float().reshape(1) * len(y), counts.float()])
     loss, n, correct, n_poison, asr, racc = sums.tolist()
     pct = lambda a, b: 100.0 * a / b if b else float("nan")  # noqa: E731
     return {"Train_Loss": loss / max(n, 1), "Train_ACC": pct(correct, n), "Train_ASR": pct(asr, n_poison),
