@@ -14,7 +14,7 @@ from utils.args import resolve_device
 from utils.checkpoint import read_checkpoint
 from utils.errors import run_main
 from utils.logger import CSVLogger, print_header
-from utils.supcon import (add_st_flags, classifier_dir, default_extractor, load_classifier, load_extractor,
+from utils.supcon import (add_classifier_recipe_flags, add_st_flags, classifier_dir, default_extractor, load_classifier, load_extractor,
                           prepare_args, st_run_root)
 from utils.train import evaluate, format_metrics, load_attack_data, make_runtime, prepare_model, seed_everything
 
@@ -31,6 +31,7 @@ def build_parser():
                    help="feature extractor (default: the one the classifier checkpoint was trained on)")
     g.add_argument("--classifier_ckpt", default=None,
                    help="classifier (default: last.pth of the train_classifier.py run with these flags)")
+    add_classifier_recipe_flags(p.add_argument_group("classifier recipe (names the classifier run to test)"))
     return p
 
 

@@ -19,8 +19,8 @@ from utils.augment import supcon_view
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError, run_main
 from utils.logger import CSVLogger, print_header
-from utils.supcon import (CLASSIFIER_KIND, FrozenEncoderClassifier, add_st_flags, balanced_class_weights,
-                          classifier_dir, default_extractor, load_extractor, load_st_sets, mixed_cross_entropy,
+from utils.supcon import (CLASSIFIER_KIND, FrozenEncoderClassifier, add_classifier_recipe_flags, add_st_flags,
+                          balanced_class_weights, classifier_dir, default_extractor, load_extractor, load_st_sets, mixed_cross_entropy,
                           prepare_args, run_epoch, start_run, warmup_cosine_lr, weights_fingerprint)
 from utils.train import evaluate, format_metrics, generator, make_runtime, prepare_model, seed_everything
 
@@ -35,19 +35,7 @@ def build_parser():
     g.add_argument("--ckpt", default=None,
                    help="the feature extractor (default: last.pth of the paper-recipe train_extractor.py run "
                         "with these data / model / attack flags and --temp)")
-    g.add_argument("--lambda_p", type=float, default=0.001, help="lambda: weight of -CE(D_p)")
-    # improvements beyond the paper, off by default
-    g.add_argument("--normalize_features", action="store_true",
-                   help="[not in the paper] L2-normalise the features before the linear layer")
-    g.add_argument("--warm_epochs", type=float, default=0,
-                   help="[not in the paper] linear lr warm-up from --warmup_from over this many epochs")
-    g.add_argument("--warmup_from", type=float, default=0.01)
-    g.add_argument("--cosine", action="store_true",
-                   help="[not in the paper] cosine decay of the lr to lr x 0.001 over the run (after the warm-up): "
-                        "a stable last epoch, which is the one kept")
-    g.add_argument("--balance_classes", action="store_true",
-                   help="[not in the paper] weight CE(D_c) by inverse class frequency in D_c: the FCT split "
-                        "over-represents the target class in D_c, which the linear layer would learn as a prior")
+    add_classifier_recipe_flags(g)
     g.add_argument("--learning_rate", dest="lr", type=float, default=argparse.SUPPRESS, help="alias of --lr")
     return p
 

@@ -212,6 +212,23 @@ def add_st_flags(parser, script):
     return g
 
 
+def add_classifier_recipe_flags(g):
+    """The classifier's recipe flags (they name its run folder, so ST/test.py takes them too to find it)."""
+    g.add_argument("--lambda_p", type=float, default=0.001, help="lambda: weight of -CE(D_p)")
+    # improvements beyond the paper, off by default
+    g.add_argument("--normalize_features", action="store_true",
+                   help="[not in the paper] L2-normalise the features before the linear layer")
+    g.add_argument("--warm_epochs", type=float, default=0,
+                   help="[not in the paper] linear lr warm-up from --warmup_from over this many epochs")
+    g.add_argument("--warmup_from", type=float, default=0.01)
+    g.add_argument("--cosine", action="store_true",
+                   help="[not in the paper] cosine decay of the lr to lr x 0.001 over the run (after the warm-up): "
+                        "a stable last epoch, which is the one kept")
+    g.add_argument("--balance_classes", action="store_true",
+                   help="[not in the paper] weight CE(D_c) by inverse class frequency in D_c: the FCT split "
+                        "over-represents the target class in D_c, which the linear layer would learn as a prior")
+
+
 def prepare_args(args):
     """validate_args plus the ST rule for relative --save_root: run from <repo>/ST (as paper-readme's
     `cd ST` does), a relative --save_root is taken from the repository root, so the default ./saved
