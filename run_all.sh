@@ -3,7 +3,8 @@
 # (clean model for CL, withTrans backdoored model, SD steps 1-5, D-BR, D-ST), then the report.
 #
 #   bash run_all.sh [--quick] [--attacks "badnets blend" | all] [--dataset cifar10] [--data_file F.npz]
-#                   [--device auto|cpu|cuda] [--save_root DIR] [--epoch_scale X] [--st_epochs N] [--results_dir results]
+#                   [--device auto|cpu|cuda] [--save_root DIR] [--epoch_scale X] [--st_epochs N] [--seed N]
+#                   [--results_dir results]
 #
 # --quick: CPU scale (ResNet-18 --width 16, epochs scaled as README.md explains), on the synthetic
 #          dataset unless --data_file is given; attacks BadNets and Blend-Strip unless --attacks.
@@ -14,6 +15,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
 QUICK=0; ATTACKS=""; DATASET=""; DATA_FILE=""; DEVICE=auto; SAVE_ROOT=./saved; SCALE=1; ST_EPOCHS=""; RESULTS_DIR=results
+SEED=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -25,6 +27,7 @@ while [ $# -gt 0 ]; do
     --epoch_scale) SCALE="$2"; shift ;;   # multiplies every epoch count (tests use a tiny value)
     --st_epochs) ST_EPOCHS="$2"; shift ;; # D-ST extractor epochs instead of the time budget
     --results_dir) RESULTS_DIR="$2"; shift ;;
+    --seed) SEED="$2"; shift ;;           # poisoned set and training seed (default: the scripts' 1000)
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -45,8 +48,8 @@ if [ "$QUICK" = 1 ]; then
   E_NOTRANS=20; E_FT=10; E_WITH=40; SCHED_WITH="20 30"; E_CLEAN=40
   # the best CPU-scale settings measured so far (BENCHMARKS.md): opt-in, beyond the paper
   SD_FLAGS="--fct_draws 4"; SPLIT=(--clean_ratio 0.5 --poison_ratio 0.05)
-  E_DBR=60; DBR_FLAGS="--lr 3e-3 --ascent_bound 2.3 --lr_schedule cosine"
-  ST_FLAGS="--time_budget 2"; E_CLS=10
+  E_DBR=60; DBR_FLAGS="--lr 3e-3 --ascent_bound 4.6 --lr_schedule cosine"
+  ST_FLAGS="--time_budget 2"; E_CLS=10; CLS_FLAGS="--balance_classes --normalize_features --cosine"
 else
   : "${ATTACKS:=$ALL}"
   : "${DATASET:=cifar10}"
@@ -54,7 +57,7 @@ else
   E_NOTRANS=2; E_FT=10; E_WITH=200; SCHED_WITH="100 150"; E_CLEAN=200
   SD_FLAGS=""; SPLIT=(--clean_ratio 0.2 --poison_ratio 0.05)
   E_DBR=20; DBR_FLAGS="--lr 1e-4"
-  ST_FLAGS="--epochs 200"; E_CLS=10
+  ST_FLAGS="--epochs 200"; E_CLS=10; CLS_FLAGS=""
 fi
 [ "$ATTACKS" = all ] && ATTACKS=$ALL
 for attack in $ATTACKS; do
@@ -67,7 +70,11 @@ E_NOTRANS=$(scale $E_NOTRANS); E_FT=$(scale $E_FT); E_WITH=$(scale $E_WITH); E_C
 
 COMMON=(--dataset "$DATASET" --width "$WIDTH" --device "$DEVICE" --save_root "$SAVE_ROOT")
 [ -n "$DATA_FILE" ] && COMMON+=(--data_file "$(realpath "$DATA_FILE")")
-TAG=$DATASET${DATA_FILE:+-$(basename "${DATA_FILE%.npz}")}
+[ -n "$SEED" ] && COMMON+=(--seed "$SEED")
+# D-ST outputs: ST/save as in paper-readme for the default save root; beside the other outputs otherwise,
+# so that two runs with different --save_root never share (or overwrite) a D-ST folder
+ST_ROOT=(); [ "$(realpath -m "$SAVE_ROOT")" = "$(realpath -m ./saved)" ] || ST_ROOT=(--st_root "$(realpath -m "$SAVE_ROOT")/ST_save")
+TAG=$DATASET${DATA_FILE:+-$(basename "${DATA_FILE%.npz}")}${SEED:+-seed$SEED}
 RUN_DIR=$SAVE_ROOT/run_all/$TAG; [ "$QUICK" = 1 ] && RUN_DIR+=_quick
 mkdir -p "$RUN_DIR"
 
@@ -102,9 +109,11 @@ for attack in $ATTACKS; do
   step sd4_gamma "$attack" $PY calculate_gamma.py "${A[@]}" "${SPLIT[@]}"
   step sd5_split "$attack" $PY separate_samples.py "${A[@]}" "${SPLIT[@]}" $SD_FLAGS
   step dbr "$attack" $PY unlearn_relearn.py "${A[@]}" "${SPLIT[@]}" --epochs "$E_DBR" $DBR_FLAGS --overwrite
-  step dst_extractor "$attack" $PY ST/train_extractor.py "${A[@]}" "${SPLIT[@]}" $ST_FLAGS --overwrite
-  step dst_classifier "$attack" $PY ST/train_classifier.py "${A[@]}" "${SPLIT[@]}" --epochs "$E_CLS" --overwrite
-  step dst_test "$attack" $PY ST/test.py "${A[@]}" "${SPLIT[@]}"
+  step dst_extractor "$attack" $PY ST/train_extractor.py "${A[@]}" "${ST_ROOT[@]}" "${SPLIT[@]}" $ST_FLAGS --overwrite
+  step dst_classifier "$attack" $PY ST/train_classifier.py "${A[@]}" "${ST_ROOT[@]}" "${SPLIT[@]}" --epochs "$E_CLS" \
+      $CLS_FLAGS --overwrite
+  step dst_test "$attack" $PY ST/test.py "${A[@]}" "${ST_ROOT[@]}" "${SPLIT[@]}" $CLS_FLAGS
 done
 
-$PY report_results.py "${COMMON[@]}" "${SPLIT[@]}" --attacks $ATTACKS --times "$RUN_DIR/times.csv" --out_dir "$RESULTS_DIR"
+$PY report_results.py "${COMMON[@]}" "${ST_ROOT[@]}" "${SPLIT[@]}" --attacks $ATTACKS --times "$RUN_DIR/times.csv" --out_dir "$RESULTS_DIR" \
+    --name "$DATASET${SEED:+_seed$SEED}$([ "$QUICK" = 1 ] || echo _full)"

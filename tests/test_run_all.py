@@ -64,7 +64,7 @@ def test_run_all_quick_completes_and_resumes(tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "[run]  badnets dst_test" in first.stdout and "[skip]" not in first.stdout
-    md = (tmp_path / "results" / "synthetic_w16.md").read_text()
+    md = (tmp_path / "results" / "synthetic.md").read_text()
     assert "BadNets-all2one" in md
     times = (tmp_path / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines()
     assert len(times) == 11   # 11 steps: no clean model outside CL
