@@ -5,6 +5,9 @@ ordinary descent on D_c (relearning), both with the training augmentation; SGD l
 0.9, wd 5e-4, batch 128, 20 epochs. ACC / ASR / ASR0 / R-ACC are evaluated before training and
 after every epoch. Two models are saved: the one with the best ACC - ASR (the paper's rule; it
 looks at the backdoor TEST set, which a real defender does not have) and the last epoch's.
+Opt-in --select_holdout F adds a third, chosen without test labels: a seeded share F of D_p and of
+D_c is held out of training, and the epoch with the best (held-out D_c accuracy - held-out D_p
+"ASR", the share still predicted as its training label) is saved as ..._selected.tar.
 
 The separated sets may come from SD models of another width (--sd_width) than the model purified
 here; dataset, attack, poison rate and seed must match.
@@ -23,10 +26,12 @@ from utils.logger import CSVLogger, print_header
 from utils.paths import backdoor_dir, latest_checkpoint, split_dir
 from utils.split import load_split
 from utils.train import (evaluate, format_metrics, generator, load_attack_data, make_optimizer, make_runtime,
-                         place_train_data, prepare_model, seed_everything, train_epoch)
+                         place_train_data, predict, prepare_model, seed_everything, train_epoch)
 
 COLUMNS = ["Epoch", "Test_ACC", "Test_ASR", "Test_ASR0", "Test_R-ACC", "Test_ACC_nontarget", "Unlearn_Loss",
            "Relearn_Loss", "Seconds"]
+HOLDOUT_COLUMNS = ["Holdout_ACC_Dc", "Holdout_ASR_Dp"]
+SELECTED = "best held-out D_c accuracy - held-out D_p ASR (no test labels)"
 
 
 def build_parser():
@@ -38,6 +43,9 @@ def build_parser():
     g.add_argument("--relearn_passes", type=int, default=1, help="passes over D_c per epoch")
     g.add_argument("--lr_schedule", default="constant", choices=("constant", "cosine"),
                    help="cosine: anneal the lr to 0 over --epochs, so the last epochs settle")
+    g.add_argument("--select_holdout", type=float, default=0.0,
+                   help="hold out this share of D_p and of D_c (seeded) and also save the epoch with the best "
+                        "held-out D_c accuracy - held-out D_p ASR (model selection without test labels)")
     return p
 
 
@@ -54,13 +62,30 @@ def as_train_data(s, rt):
     return place_train_data(rt, s["images"], s["labels"], s["gt_labels"], ~s["is_poisoned"])
 
 
+def hold_out(s, share, g):
+    """Split a separated set into (kept, held out): a seeded random ``share`` is held out."""
+    n = len(s["labels"])
+    order = torch.randperm(n, generator=g)
+    k = int(round(share * n))
+    held, kept = order[:k], order[k:]
+    return {key: v[kept] for key, v in s.items()}, {key: v[held] for key, v in s.items()}
+
+
+@torch.no_grad()
+def holdout_metrics(model, held_clean, held_poison, rt):
+    """Accuracy on held-out D_c and 'ASR' on held-out D_p (share predicted as its training label), in %."""
+    def hit_rate(s):
+        return 100.0 * (predict(model, s["images"], rt).argmax(1) == s["labels"]).float().mean().item()
+    return {"Holdout_ACC_Dc": hit_rate(held_clean), "Holdout_ASR_Dp": hit_rate(held_poison)}
+
+
 def output_paths(args, victim):
     folder = Path(victim).parent
     best = Path(args.checkpoint_save) if args.checkpoint_save else folder / f"{Path(victim).stem}_unlearn_purify.tar"
     best = best.with_suffix(".tar")
     last = best.with_name(best.stem + "_last.tar")
     log = Path(args.log) if args.log else folder / "unlearn_purify.csv"
-    return best, last, log
+    return best, last, log, best.with_name(best.stem + "_selected.tar")
 
 
 def main(args):
@@ -74,14 +99,23 @@ def main(args):
     check_compatible(ckpt, args, ("dataset",) + ATTACK_KEYS, victim)
     args.width = ckpt["args"]["width"]  # the purified model keeps its own width
     split = load_split(split_dir(args), args)
-    best_path, last_path, log_path = output_paths(args, victim)
-    if not args.overwrite and (best_path.exists() or last_path.exists()):
+    best_path, last_path, log_path, selected_path = output_paths(args, victim)
+    if not 0 <= args.select_holdout < 1:
+        raise UserError(f"--select_holdout must be in [0, 1), got {args.select_holdout}")
+    if not args.overwrite and any(p.exists() for p in (best_path, last_path, selected_path)):
         raise UserError(f"{best_path} already exists; pass --overwrite or another --checkpoint_save")
     print_header("unlearn_relearn.py", args)
     seed_everything(args.seed)
     _, tests = load_attack_data(args, rt)
     model = prepare_model(model, rt)
-    poison_set, clean_set = as_train_data(split["poison"], rt), as_train_data(split["clean"], rt)
+    g = generator(args.seed)
+    poison_part, clean_part = split["poison"], split["clean"]
+    if args.select_holdout:
+        poison_part, held_poison = hold_out(poison_part, args.select_holdout, g)
+        clean_part, held_clean = hold_out(clean_part, args.select_holdout, g)
+        if not len(held_poison["labels"]) or not len(held_clean["labels"]):
+            raise UserError(f"--select_holdout {args.select_holdout} holds out no sample of D_p or D_c; use a larger share")
+    poison_set, clean_set = as_train_data(poison_part, rt), as_train_data(clean_part, rt)
     print(f"purifying {victim} with |D_p| = {len(poison_set.labels)}, |D_c| = {len(clean_set.labels)}; "
           f"lr {args.lr}, {args.epochs} epochs")
     augment = train_augmentation(args.dataset)
@@ -89,14 +123,18 @@ def main(args):
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
                  if args.lr_schedule == "cosine" else None)
     unlearn = bounded_ascent_criterion(args.ascent_bound) if args.ascent_bound else None
-    g = generator(args.seed)
-    logger = CSVLogger(log_path, COLUMNS)
+    logger = CSVLogger(log_path, COLUMNS + (HOLDOUT_COLUMNS if args.select_holdout else []))
+    select = (lambda: holdout_metrics(model, held_clean, held_poison, rt)) if args.select_holdout else dict
 
-    metrics = evaluate(model, tests, rt, args.target_label)
+    metrics = {**evaluate(model, tests, rt, args.target_label), **select()}
     logger.write({"Epoch": -1, **metrics})
     print(f"before: {format_metrics(metrics)}")
     best = {"score": metrics["Test_ACC"] - metrics["Test_ASR"], "epoch": -1, "metrics": metrics}
     save_checkpoint(best_path, args, model, epoch=-1, selection="best ACC - ASR on the backdoor test set")
+    chosen = None
+    if args.select_holdout:
+        chosen = {"score": metrics["Holdout_ACC_Dc"] - metrics["Holdout_ASR_Dp"], "epoch": -1, "metrics": metrics}
+        save_checkpoint(selected_path, args, model, epoch=-1, selection=SELECTED)
     for epoch in range(args.epochs):
         t0 = time.time()
         extra = {"criterion": unlearn} if unlearn else {}
@@ -107,7 +145,7 @@ def main(args):
                             desc=f"relearn {epoch}")
         if scheduler is not None:
             scheduler.step()
-        metrics = evaluate(model, tests, rt, args.target_label)
+        metrics = {**evaluate(model, tests, rt, args.target_label), **select()}
         logger.write({"Epoch": epoch, **metrics, "Unlearn_Loss": u["Train_Loss"], "Relearn_Loss": r["Train_Loss"],
                       "Seconds": time.time() - t0})
         print(f"epoch {epoch:3d}  unlearn loss {u['Train_Loss']:.3f}  relearn loss {r['Train_Loss']:.3f}  "
@@ -115,11 +153,17 @@ def main(args):
         if metrics["Test_ACC"] - metrics["Test_ASR"] > best["score"]:
             best = {"score": metrics["Test_ACC"] - metrics["Test_ASR"], "epoch": epoch, "metrics": metrics}
             save_checkpoint(best_path, args, model, epoch=epoch, selection="best ACC - ASR on the backdoor test set")
+        if chosen is not None and metrics["Holdout_ACC_Dc"] - metrics["Holdout_ASR_Dp"] > chosen["score"]:
+            chosen = {"score": metrics["Holdout_ACC_Dc"] - metrics["Holdout_ASR_Dp"], "epoch": epoch, "metrics": metrics}
+            save_checkpoint(selected_path, args, model, epoch=epoch, selection=SELECTED)
     save_checkpoint(last_path, args, model, epoch=args.epochs - 1, selection="last epoch")
     print(f"best ACC - ASR (chosen on the backdoor TEST set, as the paper did): epoch {best['epoch']}  "
           f"{format_metrics(best['metrics'])}  -> {best_path}")
     print(f"last epoch (no test-set selection): epoch {args.epochs - 1}  {format_metrics(metrics)}  -> {last_path}")
-    return {"best": best, "last": metrics}
+    if chosen is not None:
+        print(f"selected on held-out D_c / D_p (no test labels): epoch {chosen['epoch']}  "
+              f"{format_metrics(chosen['metrics'])}  -> {selected_path}")
+    return {"best": best, "last": metrics, "selected": chosen}
 
 
 if __name__ == "__main__":

@@ -84,3 +84,34 @@ def test_split_of_another_attack_is_refused(victim, tmp_path):
     with pytest.raises(UserError, match="no separated samples"):
         module.main(parse_script_args("unlearn_relearn", victim, "--poison_rate", 0.2, "--clean_ratio", 0.3,
                                       "--overwrite"))
+
+
+def test_holdout_selection_trains_without_the_held_out_samples(victim, tmp_path, monkeypatch):
+    """--select_holdout: a seeded share of D_p and D_c is never trained on, and the saved 'selected'
+    epoch is the one with the best held-out D_c accuracy - held-out D_p ASR (no test labels)."""
+    module = load_script("unlearn_relearn")
+    trained = []
+    real = module.train_epoch
+
+    def spy(model, data, *a, **k):
+        trained.append(len(data.labels))
+        return real(model, data, *a, **k)
+
+    monkeypatch.setattr(module, "train_epoch", spy)
+    out = tmp_path / "dbr.tar"
+    argv = ("--poison_rate", 0.2, "--epochs", 2, "--select_holdout", 0.25, "--checkpoint_save", out,
+            "--log", tmp_path / "dbr.csv")
+    args = parse_script_args("unlearn_relearn", victim, *argv)
+    split = module.load_split(module.split_dir(args), args)
+    n_p, n_c = len(split["poison"]["labels"]), len(split["clean"]["labels"])
+    result = module.main(args)
+    kept_p, kept_c = n_p - round(0.25 * n_p), n_c - round(0.25 * n_c)
+    assert trained == [kept_p, kept_c, kept_p, kept_c]      # unlearn on kept D_p, relearn on kept D_c
+    log = pd.read_csv(tmp_path / "dbr.csv")
+    assert {"Holdout_ACC_Dc", "Holdout_ASR_Dp"} <= set(log.columns)
+    scores = log.Holdout_ACC_Dc - log.Holdout_ASR_Dp
+    selected = read_checkpoint(tmp_path / "dbr_selected.tar")
+    assert selected["epoch"] == int(log.Epoch[scores.idxmax()]) == result["selected"]["epoch"]
+    assert "no test labels" in selected["selection"]
+    with pytest.raises(UserError, match="select_holdout"):
+        module.main(parse_script_args("unlearn_relearn", victim, *argv[:4], "--select_holdout", 1.5, "--overwrite"))
