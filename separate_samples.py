@@ -66,7 +66,10 @@ def main(args):
         print(f"Delta agrees with calculate_consistency.py's up to {diff:.2g}")
     sets, rule = choose_sets(args, values, prefix)
     report = {**split_report(sets, ~train_set.is_clean.numpy(), values), "rule": rule, "fct_seconds": seconds,
-              "checkpoint": str(ckpt)}
+              "checkpoint": str(ckpt),
+              # D_c by training label: the rank split over-represents the target class (D-ST learns that as a prior)
+              "clean_set_class_counts": np.bincount(train_set.labels.numpy()[sets["clean"]],
+                                                    minlength=args.num_classes).tolist()}
     meta = describe_args(args)
     meta["data_tag"] = dataset_tag(args)
     folder = split_dir(args)
@@ -74,6 +77,7 @@ def main(args):
     for name, key in (("clean", "clean"), ("poison", "poison"), ("suspicious", "uncertain")):
         print(f"{SET_NAMES[name]}: {len(sets[name]):5d} samples, {report[f'poison_in_{key}_set_pct']:.2f}% poisoned")
     print(f"poison recall of D_p {report['poison_recall_pct']:.2f}%, AUROC of Delta {report['auroc']:.4f}")
+    print(f"D_c per class: {report['clean_set_class_counts']}")
     print(f"wrote {folder}")
     return report
 

@@ -165,6 +165,7 @@ def test_split_files_partition_the_training_set(sd_run):
         assert key in saved
     assert (saved["n_clean_set"], saved["n_poison_set"]) == (400, 100)
     split = load_split(folder, args)
+    assert saved["clean_set_class_counts"] == np.bincount(split["clean"]["labels"].numpy(), minlength=10).tolist()
     idx = np.concatenate([split[k]["indices"].numpy() for k in SET_NAMES])
     assert sorted(idx.tolist()) == list(range(2000))
     clean_idx = split["clean"]["indices"].numpy()
