@@ -34,6 +34,7 @@ def build_parser():
     p.add_argument("--times", default=None, help="run_all.sh's times.csv (attack,step,seconds)")
     p.add_argument("--out_dir", default=str(REPO_ROOT / "results"))
     p.add_argument("--st_root", default=None, help="D-ST outputs (default: ST/save of the repo)")
+    p.add_argument("--note", default=None, help="a line under the title (e.g. the machine and the command)")
     p.add_argument("--name", default=None,
                    help="file name of the table, without .md (default: <dataset tag>_w<width>)")
     return p
@@ -113,8 +114,9 @@ def main(args):
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = args.name or dataset_tag(args) + ("" if args.width == 64 else f"_w{args.width}")
-    lines = [f"# Results: {dataset_tag(args)}, ResNet-18 width {args.width}", "",
-             "ACC on the whole clean test split; ASR on the backdoor test set; ASR0 = how often the model "
+    lines = [f"# Results: {dataset_tag(args)}, ResNet-18 width {args.width}", ""]
+    lines += [args.note, ""] if args.note else []
+    lines += ["ACC on the whole clean test split; ASR on the backdoor test set; ASR0 = how often the model "
              "predicts the attack target on the clean versions of the backdoor test images (its base rate). "
              "D-BR: last epoch (no test-set selection) and, as the paper did, the epoch with the best "
              "ACC - ASR on the test set.", "", to_markdown(table)]
