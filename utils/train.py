@@ -88,8 +88,9 @@ def train_epoch(model, data, optimizer, rt, g, criterion=cross_entropy, augment=
     """
     model.train()
     # running sums stay on the device (one host sync per epoch, not one per batch):
-    # loss, n, correct, n_poison, asr hits, racc hits
-    sums = torch.zeros(6, dtype=torch.float32, device=rt.device)
+    # loss, correct, n_poison, asr hits, racc hits; the sample count n is known on the host
+    sums = torch.zeros(5, dtype=torch.float32, device=rt.device)
+    n = 0
     for idx in tqdm(batch_indices(len(data.labels), batch_size, g, device=data.labels.device),
                     desc=desc, leave=False, mininterval=1):
         x = rt.images(data.images[idx])
@@ -106,10 +107,10 @@ def train_epoch(model, data, optimizer, rt, g, criterion=cross_entropy, augment=
             poisoned = ~data.is_clean[idx].to(rt.device, non_blocking=True)
             gt = data.gt_labels[idx].to(rt.device, non_blocking=True)
             hit, hit_gt = pred == y, pred == gt
-            counts = torch.stack([torch.ones_like(hit).sum(), hit.sum(), poisoned.sum(), (hit & poisoned).sum(),
-                                  (hit_gt & poisoned).sum()])
+            counts = torch.stack([hit.sum(), poisoned.sum(), (hit & poisoned).sum(), (hit_gt & poisoned).sum()])
             sums += torch.cat([loss.detach().float().reshape(1) * len(y), counts.float()])
-    loss, n, correct, n_poison, asr, racc = sums.tolist()
+        n += len(y)
+    loss, correct, n_poison, asr, racc = sums.tolist()
     pct = lambda a, b: 100.0 * a / b if b else float("nan")  # noqa: E731
     return {"Train_Loss": loss / max(n, 1), "Train_ACC": pct(correct, n), "Train_ASR": pct(asr, n_poison),
             "Train_R-ACC": pct(racc, n_poison)}
