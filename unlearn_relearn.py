@@ -31,6 +31,7 @@ from utils.train import (evaluate, format_metrics, generator, load_attack_data, 
 COLUMNS = ["Epoch", "Test_ACC", "Test_ASR", "Test_ASR0", "Test_R-ACC", "Test_ACC_nontarget", "Unlearn_Loss",
            "Relearn_Loss", "Seconds"]
 HOLDOUT_COLUMNS = ["Holdout_ACC_Dc", "Holdout_ASR_Dp"]
+TEST_RULE = "best ACC - ASR on the backdoor test set"
 SELECTED = "best held-out D_c accuracy - held-out D_p ASR (no test labels)"
 
 
@@ -129,12 +130,19 @@ def main(args):
     metrics = {**evaluate(model, tests, rt, args.target_label), **select()}
     logger.write({"Epoch": -1, **metrics})
     print(f"before: {format_metrics(metrics)}")
-    best = {"score": metrics["Test_ACC"] - metrics["Test_ASR"], "epoch": -1, "metrics": metrics}
-    save_checkpoint(best_path, args, model, epoch=-1, selection="best ACC - ASR on the backdoor test set")
-    chosen = None
+    # the kept models: (rule, score of a metrics row, path); each saved whenever its score improves
+    rules = [(TEST_RULE, lambda m: m["Test_ACC"] - m["Test_ASR"], best_path)]
     if args.select_holdout:
-        chosen = {"score": metrics["Holdout_ACC_Dc"] - metrics["Holdout_ASR_Dp"], "epoch": -1, "metrics": metrics}
-        save_checkpoint(selected_path, args, model, epoch=-1, selection=SELECTED)
+        rules.append((SELECTED, lambda m: m["Holdout_ACC_Dc"] - m["Holdout_ASR_Dp"], selected_path))
+    kept = {}
+
+    def keep_improved(epoch, metrics):
+        for rule, score, path in rules:
+            if rule not in kept or score(metrics) > kept[rule]["score"]:
+                kept[rule] = {"score": score(metrics), "epoch": epoch, "metrics": metrics}
+                save_checkpoint(path, args, model, epoch=epoch, selection=rule)
+
+    keep_improved(-1, metrics)
     for epoch in range(args.epochs):
         t0 = time.time()
         extra = {"criterion": unlearn} if unlearn else {}
@@ -150,13 +158,9 @@ def main(args):
                       "Seconds": time.time() - t0})
         print(f"epoch {epoch:3d}  unlearn loss {u['Train_Loss']:.3f}  relearn loss {r['Train_Loss']:.3f}  "
               f"{format_metrics(metrics)}")
-        if metrics["Test_ACC"] - metrics["Test_ASR"] > best["score"]:
-            best = {"score": metrics["Test_ACC"] - metrics["Test_ASR"], "epoch": epoch, "metrics": metrics}
-            save_checkpoint(best_path, args, model, epoch=epoch, selection="best ACC - ASR on the backdoor test set")
-        if chosen is not None and metrics["Holdout_ACC_Dc"] - metrics["Holdout_ASR_Dp"] > chosen["score"]:
-            chosen = {"score": metrics["Holdout_ACC_Dc"] - metrics["Holdout_ASR_Dp"], "epoch": epoch, "metrics": metrics}
-            save_checkpoint(selected_path, args, model, epoch=epoch, selection=SELECTED)
+        keep_improved(epoch, metrics)
     save_checkpoint(last_path, args, model, epoch=args.epochs - 1, selection="last epoch")
+    best, chosen = kept[TEST_RULE], kept.get(SELECTED)
     print(f"best ACC - ASR (chosen on the backdoor TEST set, as the paper did): epoch {best['epoch']}  "
           f"{format_metrics(best['metrics'])}  -> {best_path}")
     print(f"last epoch (no test-set selection): epoch {args.epochs - 1}  {format_metrics(metrics)}  -> {last_path}")
