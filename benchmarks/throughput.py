@@ -31,7 +31,7 @@ from utils.args import build_parser as shared_parser
 from utils.args import resolve_device, validate_args
 from utils.augment import crop_flip
 from utils.errors import run_main
-from utils.train import generator, make_optimizer, make_runtime, prepare_model, train_epoch
+from utils.train import generator, make_optimizer, make_runtime, place_train_data, prepare_model, train_epoch
 
 
 def build_parser():
@@ -96,8 +96,7 @@ def main(args):
     device = resolve_device(args)
     rt = make_runtime(args, device)
     train_set, _ = build_datasets(args)
-    data = SimpleNamespace(images=rt.place(train_set.images), labels=rt.place(train_set.labels),
-                           gt_labels=rt.place(train_set.gt_labels), is_clean=rt.place(train_set.is_clean))
+    data = place_train_data(rt, train_set.images, train_set.labels, train_set.gt_labels, train_set.is_clean)
     n, bs = len(train_set), args.batch_size
     steps = args.steps or math.ceil(n / bs)
     torch.manual_seed(args.seed)
