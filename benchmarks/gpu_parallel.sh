@@ -24,6 +24,7 @@ export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # ST/ scripts import utils/ without an installed package
 PY=${PYTHON:-python3}; export PYTHON=$PY
 SR=./saved/gpu
+ST_ROOT=(--st_root "$(realpath -m "$SR")/ST_save")   # where run_all.sh puts D-ST outputs for this --save_root
 T0=$(date +%s)
 ATTACKS=${ATTACKS:-badnets badnets_all2all trojan blend kitty sig cl}   # job lists: override for a smoke test
 SEEDS=${SEEDS-1001 1002}; UNDEF=${UNDEF-badnets trojan blend kitty}
@@ -32,6 +33,8 @@ MAXJOBS=${MAXJOBS:-12}; EXTRA=${EXTRA-parity64 dst64}
 set -m   # each background job in its own process group, so the deadline can stop it whole
 e() { $PY -c "import math,sys; print(max(1, math.ceil($1 * float(sys.argv[1]))))" "$SCALE"; }
 flags() { $PY -c "import sys; from utils.args import PAPER_ATTACKS as P; t = P[sys.argv[1]]; print('--target_type', t[0], '--trigger_type', t[1])" "$1"; }
+# common ATTACK [SAVE_ROOT]: the flags every step of ATTACK's jobs shares, set into the caller's local array C
+common() { C=(--dataset cifar10 --data_file "$DATA" --device "$DEVICE" --save_root "${2:-$SR}" $(flags "$1")); }
 
 if [ "$DEVICE" = cuda ] && [ -z "${SKIP_SPEED:-}" ]; then
   {
@@ -49,7 +52,7 @@ DBR_QUICK=(--lr 3e-3 --ascent_bound 2.3 --lr_schedule cosine)
 attack_job() {
   local a=$1
   bash run_all.sh "${QUICK[@]}" --attacks "$a" --results_dir "$OUT/results_$a" || return 1
-  local C=(--dataset cifar10 --data_file "$DATA" --width 16 --device "$DEVICE" --save_root "$SR" $(flags "$a"))
+  local C; common "$a"; C+=(--width 16)
   local D=$SR/dbr_study/$a
   dbr() { local tag=$1; shift; $PY unlearn_relearn.py "${C[@]}" --checkpoint_save "$D/$tag.tar" --log "$D/$tag.csv" --overwrite "$@"; }
   # a larger D_p (alpha_p 0.1): more of the poisoned samples are unlearned
@@ -67,22 +70,20 @@ seed_job() {
 
 undef_job() {
   local a=$1
-  local C=(--dataset cifar10 --data_file "$DATA" --width 16 --device "$DEVICE" --save_root "$SR" $(flags "$a")
-           --clean_ratio 0.5 --poison_ratio 0.05 --undefended)
+  local C; common "$a"; C+=(--width 16 "${ST_ROOT[@]}" --clean_ratio 0.5 --poison_ratio 0.05 --undefended)
   $PY ST/train_extractor.py "${C[@]}" --epochs "$(e 45)" --overwrite &&
   $PY ST/train_classifier.py "${C[@]}" --epochs "$(e 10)" --overwrite &&
   $PY ST/test.py "${C[@]}"
 }
 
 strong_job() {  # attack epochs width
-  local a=$1 n=$2 w=$3
-  $PY train_attack_withTrans.py --dataset cifar10 --data_file "$DATA" --device "$DEVICE" $(flags "$a") \
-      --width "$w" --epochs "$(e "$n")" --schedule "$(e $((n / 2)))" "$(e $((n * 3 / 4)))" \
-      --save_root "$SR/strong_e${n}_w${w}" --overwrite
+  local a=$1 n=$2 w=$3 C; common "$a" "$SR/strong_e${n}_w${w}"
+  $PY train_attack_withTrans.py "${C[@]}" --width "$w" --epochs "$(e "$n")" \
+      --schedule "$(e $((n / 2)))" "$(e $((n * 3 / 4)))" --overwrite
 }
 
 parity64_job() {
-  local C=(--dataset cifar10 --data_file "$DATA" --width 64 --device "$DEVICE" --save_root "$SR" $(flags badnets))
+  local C; common badnets; C+=(--width 64)
   $PY train_attack_withTrans.py "${C[@]}" --epochs "$(e 200)" --schedule "$(e 100)" "$(e 150)" --overwrite &&
   $PY train_attack_noTrans.py "${C[@]}" --epochs "$(e 20)" --overwrite &&
   $PY finetune_attack_noTrans.py "${C[@]}" --epochs "$(e 10)" --overwrite &&
@@ -93,12 +94,13 @@ parity64_job() {
 }
 
 dst64_job() {  # waits for the width-16 FCT values of the BadNets quick chain
-  local C=(--dataset cifar10 --data_file "$DATA" --device "$DEVICE" --save_root "$SR" $(flags badnets))
+  local C; common badnets
   until [ -f "$SR/run_all/cifar10-$(basename "${DATA%.npz}")_quick/badnets/sd3_fct.done" ]; do sleep 5; done
+  local ST=("${C[@]}" "${ST_ROOT[@]}" --width 64 --sd_width 16)
   $PY separate_samples.py "${C[@]}" --width 16 --fct_draws 4 &&   # the paper's alpha_c 0.2, alpha_p 0.05
-  $PY ST/train_extractor.py "${C[@]}" --width 64 --sd_width 16 --epochs "$(e 200)" --overwrite &&
-  $PY ST/train_classifier.py "${C[@]}" --width 64 --sd_width 16 --epochs "$(e 10)" --overwrite &&
-  $PY ST/test.py "${C[@]}" --width 64 --sd_width 16
+  $PY ST/train_extractor.py "${ST[@]}" --epochs "$(e 200)" --overwrite &&
+  $PY ST/train_classifier.py "${ST[@]}" --epochs "$(e 10)" --overwrite &&
+  $PY ST/test.py "${ST[@]}"
 }
 
 PIDS=()
@@ -123,10 +125,10 @@ sleep 3
 for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done
 
 # the report of every attack whose steps finished (missing ones show as empty cells)
-$PY report_results.py --dataset cifar10 --data_file "$DATA" --width 16 --save_root "$SR" --clean_ratio 0.5 \
+$PY report_results.py --dataset cifar10 --data_file "$DATA" --width 16 --save_root "$SR" "${ST_ROOT[@]}" --clean_ratio 0.5 \
     --poison_ratio 0.05 --attacks $ATTACKS --times "$SR/run_all/cifar10-$(basename "${DATA%.npz}")_quick/times.csv" \
     --out_dir "$OUT/results" --name cifar10 > "$OUT/logs/report.log" 2>&1
 tar czf "$OUT/results.tgz" --exclude='*.tar' --exclude='*.pth' --exclude='*_samples.npy' --exclude='*.npy' \
-    "$SR" ST/save 2>/dev/null
+    "$SR" 2>/dev/null
 echo "packed at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/timeline.txt"
 ls -la "$OUT"
