@@ -8,6 +8,10 @@ looks at the backdoor TEST set, which a real defender does not have) and the las
 Opt-in --select_holdout F adds a third, chosen without test labels: a seeded share F of D_p and of
 D_c is held out of training, and the epoch with the best (held-out D_c accuracy - held-out D_p
 "ASR", the share still predicted as its training label) is saved as ..._selected.tar.
+Opt-in --relearn_stamp F estimates the trigger from the split itself (what D_p has in common that
+D_c has not, see estimate_trigger) and stamps it on a share F of every relearning batch, labels
+unchanged: the model is shown fresh triggered images of every class with their true labels, which
+it cannot satisfy by memorising the few hundred images of D_p.
 
 The separated sets may come from SD models of another width (--sd_width) than the model purified
 here; dataset, attack, poison rate and seed must match.
@@ -24,7 +28,9 @@ from utils.checkpoint import ATTACK_KEYS, check_compatible, model_from_checkpoin
 from utils.errors import UserError, run_main
 from utils.logger import CSVLogger, print_header
 from utils.paths import backdoor_dir, latest_checkpoint, split_dir
+from utils.plots import save_trigger_estimate
 from utils.split import load_split
+from utils.supcon import balanced_class_weights
 from utils.train import (evaluate, format_metrics, generator, load_attack_data, make_optimizer, make_runtime,
                          place_train_data, predict, prepare_model, seed_everything, train_epoch)
 
@@ -47,6 +53,12 @@ def build_parser():
     g.add_argument("--select_holdout", type=float, default=0.0,
                    help="hold out this share of D_p and of D_c (seeded) and also save the epoch with the best "
                         "held-out D_c accuracy - held-out D_p ASR (model selection without test labels)")
+    g.add_argument("--relearn_stamp", type=float, default=0.0,
+                   help="stamp the trigger estimated from D_p and D_c on this share of each relearning batch, "
+                        "labels unchanged (see estimate_trigger)")
+    g.add_argument("--balance_classes", action="store_true",
+                   help="weight the relearning cross-entropy so every class of D_c counts the same (the FCT "
+                        "split is not class-balanced: the target class is often over-represented in D_c)")
     return p
 
 
@@ -56,6 +68,42 @@ def bounded_ascent_criterion(bound):
         logits = model(x)
         return F.cross_entropy(logits, y, reduction="none").clamp(max=bound).mean(), logits
     return criterion
+
+
+def weighted_cross_entropy(weight):
+    def criterion(model, x, y):
+        logits = model(x)
+        return F.cross_entropy(logits, y, weight=weight), logits
+    return criterion
+
+
+def estimate_trigger(poison_images, clean_images):
+    """The trigger as D_p shows it, from the two sets alone (uint8 (n, 3, H, W) tensors).
+
+    Per pixel, D_p's mean minus D_c's mean is what a trigger adds on average, and the share by which
+    D_p's spread is smaller than D_c's is how much of the pixel it overwrites: a patch pixel is
+    (nearly) constant across D_p (mask 1), a blend with weight a shrinks the spread by a (mask a),
+    an additive signal does not shrink it (mask 0). Returns (shift, mask, poison_mean) in [0, 1] units.
+    """
+    p, c = poison_images.float() / 255, clean_images.float() / 255
+    poison_mean = p.mean(0)
+    mask = (1 - p.std(0) / c.std(0).clamp_min(1e-3)).clamp(0, 1)
+    return poison_mean - c.mean(0), mask, poison_mean
+
+
+def stamp_trigger(x, trigger):
+    """Images in [0, 1] (n, 3, H, W) with the estimated trigger: overwrite by the mask, add the rest."""
+    shift, mask, poison_mean = (t.to(x.device, x.dtype) for t in trigger)
+    return ((1 - mask) * (x + shift) + mask * poison_mean).clamp_(0, 1)
+
+
+def stamping(augment, trigger, share):
+    """The training augmentation, then the estimated trigger on a seeded random ``share`` of the batch."""
+    def transform(x, g):
+        x = augment(x, g) if augment is not None else x
+        chosen = (torch.rand(len(x), generator=g) < share).to(x.device)
+        return torch.where(chosen[:, None, None, None], stamp_trigger(x, trigger), x)
+    return transform
 
 
 def as_train_data(s, rt):
@@ -103,6 +151,8 @@ def main(args):
     best_path, last_path, log_path, selected_path = output_paths(args, victim)
     if not 0 <= args.select_holdout < 1:
         raise UserError(f"--select_holdout must be in [0, 1), got {args.select_holdout}")
+    if not 0 <= args.relearn_stamp <= 1:
+        raise UserError(f"--relearn_stamp must be in [0, 1], got {args.relearn_stamp}")
     if not args.overwrite and any(p.exists() for p in (best_path, last_path, selected_path)):
         raise UserError(f"{best_path} already exists; pass --overwrite or another --checkpoint_save")
     print_header("unlearn_relearn.py", args)
@@ -119,10 +169,23 @@ def main(args):
     poison_set, clean_set = as_train_data(poison_part, rt), as_train_data(clean_part, rt)
     print(f"purifying {victim} with |D_p| = {len(poison_set.labels)}, |D_c| = {len(clean_set.labels)}; "
           f"lr {args.lr}, {args.epochs} epochs")
-    augment = train_augmentation(args.dataset)
+    augment = relearn_augment = train_augmentation(args.dataset)
+    if args.relearn_stamp:
+        trigger = [t.to(rt.device) for t in estimate_trigger(poison_set.images.cpu(), clean_set.images.cpu())]
+        relearn_augment = stamping(augment, trigger, args.relearn_stamp)
+        examples = clean_set.images[:4].float().div(255)
+        picture = best_path.with_name(best_path.stem + "_trigger_estimate.png")
+        save_trigger_estimate(picture, trigger, examples, stamp_trigger(examples.clone(), trigger))
+        print(f"relearning with the trigger estimated from D_p stamped on {args.relearn_stamp:.0%} of each batch "
+              f"(picture: {picture})")
     optimizer = make_optimizer(args, model.parameters())
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
                  if args.lr_schedule == "cosine" else None)
+    relearn = {}
+    if args.balance_classes:
+        weight = balanced_class_weights(clean_set.labels.cpu(), args.num_classes)
+        print("class weights of the relearning CE: " + " ".join(f"{w:.2f}" for w in weight.tolist()))
+        relearn["criterion"] = weighted_cross_entropy(weight.to(rt.device))
     unlearn = bounded_ascent_criterion(args.ascent_bound) if args.ascent_bound else None
     logger = CSVLogger(log_path, COLUMNS + (HOLDOUT_COLUMNS if args.select_holdout else []))
     select = (lambda: holdout_metrics(model, held_clean, held_poison, rt)) if args.select_holdout else dict
@@ -149,8 +212,8 @@ def main(args):
         u = train_epoch(model, poison_set, optimizer, rt, g, augment=augment, batch_size=args.batch_size,
                         ascent=True, desc=f"unlearn {epoch}", **extra)
         for _ in range(args.relearn_passes):
-            r = train_epoch(model, clean_set, optimizer, rt, g, augment=augment, batch_size=args.batch_size,
-                            desc=f"relearn {epoch}")
+            r = train_epoch(model, clean_set, optimizer, rt, g, augment=relearn_augment, batch_size=args.batch_size,
+                            desc=f"relearn {epoch}", **relearn)
         if scheduler is not None:
             scheduler.step()
         metrics = {**evaluate(model, tests, rt, args.target_label), **select()}

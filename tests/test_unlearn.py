@@ -115,3 +115,84 @@ def test_holdout_selection_trains_without_the_held_out_samples(victim, tmp_path,
     assert "no test labels" in selected["selection"]
     with pytest.raises(UserError, match="select_holdout"):
         module.main(parse_script_args("unlearn_relearn", victim, *argv[:4], "--select_holdout", 1.5, "--overwrite"))
+
+
+def _pair(n, poison, seed):
+    """``n`` clean and ``n`` poisoned uint8 images (different images), the poisoned made by ``poison``."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+    other = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+    return clean, poison(other.float() / 255).mul(255).round().to(torch.uint8)
+
+
+def test_estimated_trigger_recovers_a_patch_and_a_blend():
+    """estimate_trigger sees a patch as overwritten pixels (mask ~1) and a blend of weight a as mask ~a;
+    stamping the estimate on unseen clean images reproduces the real trigger there."""
+    module = load_script("unlearn_relearn")
+    patch = torch.zeros(3, 8, 8, dtype=torch.bool)
+    patch[:, :2, :2] = True
+
+    def add_patch(x):
+        return torch.where(patch, 1.0, x)
+
+    clean, poisoned = _pair(400, add_patch, 0)
+    trigger = module.estimate_trigger(poisoned, clean)
+    mask = trigger[1]
+    assert mask[patch].min() > 0.9 and mask[~patch].mean() < 0.1
+    fresh = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    stamped = module.stamp_trigger(fresh.clone(), trigger)
+    assert (stamped[:, patch] - 1).abs().max() < 0.05                  # the patch is there
+    assert (stamped - fresh)[:, ~patch].abs().mean() < 0.05            # the rest is (nearly) untouched
+
+    pattern = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(2))
+    clean, poisoned = _pair(400, lambda x: 0.7 * x + 0.3 * pattern, 3)
+    trigger = module.estimate_trigger(poisoned, clean)
+    assert abs(trigger[1].median().item() - 0.3) < 0.08
+    error = (module.stamp_trigger(fresh.clone(), trigger) - (0.7 * fresh + 0.3 * pattern)).abs().mean()
+    assert error < 0.35 * (fresh - (0.7 * fresh + 0.3 * pattern)).abs().mean()
+
+
+def test_stamping_touches_the_chosen_share_of_a_batch():
+    module = load_script("unlearn_relearn")
+    trigger = (torch.full((3, 8, 8), 0.5), torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))   # add 0.5 everywhere
+    x = torch.zeros(1000, 3, 8, 8)
+    out = module.stamping(None, trigger, 0.3)(x, generator(0))
+    touched = (out != 0).flatten(1).any(1)
+    assert 250 < touched.sum().item() < 350
+    again = module.stamping(None, trigger, 0.3)(x, generator(0))
+    assert torch.equal(out, again)                                     # seeded
+    assert torch.equal(module.stamping(None, trigger, 0.0)(x, generator(0)), x)
+
+
+def test_stamp_and_balance_flags_reach_the_relearning_pass(victim, tmp_path, monkeypatch):
+    """--relearn_stamp and --balance_classes change the relearning pass only (not the ascent), the
+    estimated trigger is drawn, and an out-of-range share is refused."""
+    module = load_script("unlearn_relearn")
+    calls = []
+    real = module.train_epoch
+
+    def spy(model, data, *a, **k):
+        calls.append(k)
+        return real(model, data, *a, **k)
+
+    monkeypatch.setattr(module, "train_epoch", spy)
+    out = tmp_path / "dbr.tar"
+    argv = ("--poison_rate", 0.2, "--epochs", 1, "--checkpoint_save", out, "--log", tmp_path / "dbr.csv")
+    module.main(parse_script_args("unlearn_relearn", victim, *argv, "--relearn_stamp", 0.5, "--balance_classes"))
+    unlearn, relearn = calls
+    assert unlearn["ascent"] and "criterion" not in unlearn
+    assert relearn["augment"] is not unlearn["augment"] and relearn["criterion"] is not None
+    assert (tmp_path / "dbr_trigger_estimate.png").stat().st_size > 1000
+    with pytest.raises(UserError, match="relearn_stamp"):
+        module.main(parse_script_args("unlearn_relearn", victim, *argv, "--relearn_stamp", 1.5, "--overwrite"))
+
+
+def test_balanced_relearning_weights_every_class_the_same():
+    module = load_script("unlearn_relearn")
+    from utils.supcon import balanced_class_weights
+    labels = torch.tensor([0] * 6 + [1] * 2)
+    w = balanced_class_weights(labels, 3)
+    logits = torch.randn(8, 3)
+    loss, _ = module.weighted_cross_entropy(w)(lambda x: x, logits, labels)
+    per = F.cross_entropy(logits, labels, reduction="none")
+    assert torch.isclose(loss, (per[:6].mean() + per[6:].mean()) / 2, atol=1e-6)

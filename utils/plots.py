@@ -27,3 +27,27 @@ def plot_fct(ax, clean, poison, title, gammas=None):
     ax.set_ylabel("number of samples")
     ax.set_title(title)
     ax.legend(fontsize=8)
+
+
+def save_trigger_estimate(path, trigger, examples, stamped):
+    """D-BR's --relearn_stamp picture: the estimated trigger (D_p mean, mask) and a few D_c images
+    before / after stamping. Tensors in [0, 1], (3, H, W) or (n, 3, H, W)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shift, mask, poison_mean = (t.detach().float().cpu() for t in trigger)
+    n = len(examples)
+    fig, axes = plt.subplots(2, n + 1, figsize=(1.8 * (n + 1), 3.8))
+    rgb = lambda t: t.permute(1, 2, 0).clamp(0, 1).numpy()  # noqa: E731
+    axes[0, 0].imshow(rgb(poison_mean)); axes[0, 0].set_title("mean of $\\hat D_p$", fontsize=8)
+    axes[1, 0].imshow(mask.mean(0).numpy(), cmap="gray", vmin=0, vmax=1)
+    axes[1, 0].set_title("mask (1 = overwritten)", fontsize=8)
+    for i in range(n):
+        axes[0, i + 1].imshow(rgb(examples[i].float().cpu())); axes[0, i + 1].set_title("$\\hat D_c$ image", fontsize=8)
+        axes[1, i + 1].imshow(rgb(stamped[i].float().cpu())); axes[1, i + 1].set_title("stamped", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"trigger estimated from the split (mean |shift| {shift.abs().mean():.3f})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
