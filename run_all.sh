@@ -4,10 +4,11 @@
 #
 #   bash run_all.sh [--quick] [--attacks "badnets blend" | all] [--dataset cifar10] [--data_file F.npz]
 #                   [--device auto|cpu|cuda] [--save_root DIR] [--epoch_scale X] [--st_epochs N] [--seed N]
-#                   [--results_dir results]
+#                   [--results_dir results] [--skip_dst]
 #
 # --quick: CPU scale (ResNet-18 --width 16, epochs scaled as README.md explains), on the synthetic
 #          dataset unless --data_file is given; attacks BadNets and Blend-Strip unless --attacks.
+# --skip_dst: stop each attack after D-BR (the D-ST columns of the report stay empty).
 # A step whose output is complete is skipped (an interrupted run resumes); the first failing step
 # stops the run and names its log.
 set -euo pipefail
@@ -15,7 +16,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
 QUICK=0; ATTACKS=""; DATASET=""; DATA_FILE=""; DEVICE=auto; SAVE_ROOT=./saved; SCALE=1; ST_EPOCHS=""; RESULTS_DIR=results
-SEED=""
+SEED=""; SKIP_DST=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -28,7 +29,8 @@ while [ $# -gt 0 ]; do
     --st_epochs) ST_EPOCHS="$2"; shift ;; # D-ST extractor epochs instead of the time budget
     --results_dir) RESULTS_DIR="$2"; shift ;;
     --seed) SEED="$2"; shift ;;           # poisoned set and training seed (default: the scripts' 1000)
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --skip_dst) SKIP_DST=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -48,7 +50,7 @@ if [ "$QUICK" = 1 ]; then
   E_NOTRANS=20; E_FT=10; E_WITH=40; SCHED_WITH="20 30"; E_CLEAN=40
   # the best CPU-scale settings measured so far (BENCHMARKS.md): opt-in, beyond the paper
   SD_FLAGS="--fct_draws 4"; SPLIT=(--clean_ratio 0.5 --poison_ratio 0.05)
-  E_DBR=60; DBR_FLAGS="--lr 3e-3 --ascent_bound 4.6 --lr_schedule cosine"
+  E_DBR=60; DBR_FLAGS="--lr 1e-3 --ascent_bound 4.6 --lr_schedule cosine --relearn_stamp 0.5 --balance_classes"
   ST_FLAGS="--time_budget 2"; E_CLS=10; CLS_FLAGS="--balance_classes --normalize_features --cosine"
 else
   : "${ATTACKS:=$ALL}"
@@ -109,6 +111,7 @@ for attack in $ATTACKS; do
   step sd4_gamma "$attack" $PY calculate_gamma.py "${A[@]}" "${SPLIT[@]}"
   step sd5_split "$attack" $PY separate_samples.py "${A[@]}" "${SPLIT[@]}" $SD_FLAGS
   step dbr "$attack" $PY unlearn_relearn.py "${A[@]}" "${SPLIT[@]}" --epochs "$E_DBR" $DBR_FLAGS --overwrite
+  [ "$SKIP_DST" = 1 ] && continue
   step dst_extractor "$attack" $PY ST/train_extractor.py "${A[@]}" "${ST_ROOT[@]}" "${SPLIT[@]}" $ST_FLAGS --overwrite
   step dst_classifier "$attack" $PY ST/train_classifier.py "${A[@]}" "${ST_ROOT[@]}" "${SPLIT[@]}" --epochs "$E_CLS" \
       $CLS_FLAGS --overwrite

@@ -8,12 +8,15 @@
 #
 # Jobs (each logs to $OUT/logs/<job>.log):
 #   attack_<a>    run_all.sh --quick for attack <a> (D-ST extractor: 45 epochs, what the CPU's
-#                 15-minute budget gives), then D-BR variants on the same split (dbr_study/<a>/)
+#                 15-minute budget gives), then the D-BR variants of $DBR_VARIANTS on the same split
+#                 (dbr_study/<a>/<tag>.csv)
 #   parity64      BadNets at full width: 200 withTrans epochs, SD chain, faithful D-BR (20 and 200 epochs)
 #   dst64         D-ST with the paper's recipe at full width (200 extractor epochs) on the width-16 split
 #   undef_<a>     the undefended D-ST baseline (plain SupCon + CE on the whole poisoned set)
-#   seed_<s>      run_all.sh --quick for BadNets with --seed <s> (the spread over seeds)
+#   seed_<s>_<a>  run_all.sh --quick with --seed <s> for each attack of $SEED_ATTACKS (default BadNets):
+#                 the spread over seeds
 #   strong_*      longer or wider backdoored models for the attacks that are not learned in 40 epochs
+# SKIP_DST=1 passes --skip_dst to every run_all.sh; DBR_VARIANTS names the D-BR variants of attack_<a>.
 # At most $MAXJOBS run at once, started in the order above.
 # At the deadline every job still running is stopped; the reports of what finished are written and
 # the logs, CSVs and reports (no checkpoints) are packed into $OUT/results.tgz.
@@ -47,25 +50,27 @@ fi
 echo "speed done at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/timeline.txt"
 
 QUICK=(--quick --data_file "$DATA" --device "$DEVICE" --save_root "$SR" --st_epochs "$(e 45)" --epoch_scale "$SCALE")
-DBR_QUICK=(--lr 3e-3 --ascent_bound 2.3 --lr_schedule cosine)
+[ -n "${SKIP_DST:-}" ] && QUICK+=(--skip_dst)
+# D-BR variants run on each attack's split after its quick chain: "tag:flags;tag:flags" (alpha_c 0.5, alpha_p 0.05)
+B="--ascent_bound 4.6 --lr_schedule cosine"
+DBR_VARIANTS=${DBR_VARIANTS-"no_stamp:--lr 3e-3 $B;stamp50:--lr 1e-3 $B --relearn_stamp 0.5;stamp50_bal:--lr 1e-3 $B --relearn_stamp 0.5 --balance_classes;stamp80_bal_lr3e-3:--lr 3e-3 $B --relearn_stamp 0.8 --balance_classes"}
 
 attack_job() {
   local a=$1
   bash run_all.sh "${QUICK[@]}" --attacks "$a" --results_dir "$OUT/results_$a" || return 1
-  local C; common "$a"; C+=(--width 16)
-  local D=$SR/dbr_study/$a
-  dbr() { local tag=$1; shift; $PY unlearn_relearn.py "${C[@]}" --checkpoint_save "$D/$tag.tar" --log "$D/$tag.csv" --overwrite "$@"; }
-  # a larger D_p (alpha_p 0.1): more of the poisoned samples are unlearned
-  $PY separate_samples.py "${C[@]}" --clean_ratio 0.5 --poison_ratio 0.1 --fct_draws 4
-  dbr ap0.1 --clean_ratio 0.5 --poison_ratio 0.1 --epochs "$(e 60)" "${DBR_QUICK[@]}"
-  # a looser clamp of the ascent (ln 100 instead of ln 10)
-  dbr bound4.6 --clean_ratio 0.5 --poison_ratio 0.05 --epochs "$(e 60)" --lr 3e-3 --ascent_bound 4.6 --lr_schedule cosine
-  # a gentler lr for longer
-  dbr lr1e-3_e100 --clean_ratio 0.5 --poison_ratio 0.05 --epochs "$(e 100)" --lr 1e-3 --ascent_bound 2.3 --lr_schedule cosine
+  local C; common "$a"; C+=(--width 16 --clean_ratio 0.5 --poison_ratio 0.05)
+  local D=$SR/dbr_study/$a spec tag
+  IFS=';' read -ra specs <<< "$DBR_VARIANTS"
+  for spec in "${specs[@]}"; do
+    tag=${spec%%:*}
+    # shellcheck disable=SC2086  # the flags are meant to split
+    $PY unlearn_relearn.py "${C[@]}" --epochs "$(e 60)" ${spec#*:} --checkpoint_save "$D/$tag.tar" --log "$D/$tag.csv" \
+        --overwrite > "$OUT/logs/dbr_${a}_$tag.log" 2>&1
+  done
 }
 
-seed_job() {
-  bash run_all.sh "${QUICK[@]}" --attacks badnets --seed "$1" --results_dir "$OUT/results_seed$1"
+seed_job() {  # seed attack
+  bash run_all.sh "${QUICK[@]}" --attacks "$2" --seed "$1" --results_dir "$OUT/results_seed$1_$2"
 }
 
 undef_job() {
@@ -115,7 +120,7 @@ job() {
 for a in $ATTACKS; do job "attack_$a" attack_job "$a"; done
 for x in $EXTRA; do job "$x" "${x}_job"; done
 for a in $UNDEF; do job "undef_$a" undef_job "$a"; done
-for s in $SEEDS; do job "seed_$s" seed_job "$s"; done
+for s in $SEEDS; do for a in ${SEED_ATTACKS:-badnets}; do job "seed_${s}_$a" seed_job "$s" "$a"; done; done
 for spec in $STRONG; do IFS=: read -r a n w <<< "$spec"; job "strong_${a}_e${n}_w${w}" strong_job "$a" "$n" "$w"; done
 
 while [ $(( $(date +%s) - T0 )) -lt "$DEADLINE" ] && [ "$(alive)" -gt 0 ]; do sleep 5; done
@@ -128,7 +133,9 @@ for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done
 $PY report_results.py --dataset cifar10 --data_file "$DATA" --width 16 --save_root "$SR" "${ST_ROOT[@]}" --clean_ratio 0.5 \
     --poison_ratio 0.05 --attacks $ATTACKS --times "$SR/run_all/cifar10-$(basename "${DATA%.npz}")_quick/times.csv" \
     --out_dir "$OUT/results" --name cifar10 > "$OUT/logs/report.log" 2>&1
+# one archive (the device tool brings back only a few files): the run's outputs without checkpoints and
+# arrays, and the per-job reports and logs under $OUT
 tar czf "$OUT/results.tgz" --exclude='*.tar' --exclude='*.pth' --exclude='*_samples.npy' --exclude='*.npy' \
-    "$SR" 2>/dev/null
+    "$SR" -C "$OUT" $(cd "$OUT" && ls -d results* logs 2>/dev/null | grep -v '^results.tgz$') 2>/dev/null
 echo "packed at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/timeline.txt"
 ls -la "$OUT"
