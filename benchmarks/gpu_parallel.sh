@@ -29,7 +29,7 @@ PY=${PYTHON:-python3}; export PYTHON=$PY
 SR=./saved/gpu
 ST_ROOT=(--st_root "$(realpath -m "$SR")/ST_save")   # where run_all.sh puts D-ST outputs for this --save_root
 T0=$(date +%s)
-ATTACKS=${ATTACKS:-badnets badnets_all2all trojan blend kitty sig cl}   # job lists: override for a smoke test
+ATTACKS=${ATTACKS-badnets badnets_all2all trojan blend kitty sig cl}   # job lists: override for a smoke test
 SEEDS=${SEEDS-1001 1002}; UNDEF=${UNDEF-badnets trojan blend kitty}
 STRONG=${STRONG-kitty:80:16 badnets_all2all:80:16 badnets_all2all:60:32 kitty:60:32}
 MAXJOBS=${MAXJOBS:-12}; EXTRA=${EXTRA-parity64 dst64}
@@ -130,7 +130,7 @@ sleep 3
 for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done
 
 # the report of every attack whose steps finished (missing ones show as empty cells)
-$PY report_results.py --dataset cifar10 --data_file "$DATA" --width 16 --save_root "$SR" "${ST_ROOT[@]}" --clean_ratio 0.5 \
+[ -n "$ATTACKS" ] && $PY report_results.py --dataset cifar10 --data_file "$DATA" --width 16 --save_root "$SR" "${ST_ROOT[@]}" --clean_ratio 0.5 \
     --poison_ratio 0.05 --attacks $ATTACKS --times "$SR/run_all/cifar10-$(basename "${DATA%.npz}")_quick/times.csv" \
     --out_dir "$OUT/results" --name cifar10 > "$OUT/logs/report.log" 2>&1
 # one archive (the device tool brings back only a few files): the run's outputs without checkpoints and
