@@ -36,11 +36,15 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-declare -A TARGET=( [badnets]=all2one [badnets_all2all]=all2all [trojan]=all2one [blend]=all2one
-                    [kitty]=all2one [sig]=cleanLabel [cl]=cleanLabel )
-declare -A TRIGGER=( [badnets]=gridTrigger [badnets_all2all]=squareTrigger [trojan]=trojanTrigger
-                     [blend]=signalTrigger [kitty]=kittyTrigger [sig]=sigTrigger [cl]=fourCornerTrigger )
-ALL="badnets badnets_all2all trojan blend kitty sig cl"
+# the attack table lives in one place, utils/args.py (PAPER_ATTACKS): read it, do not copy it
+declare -A TARGET TRIGGER
+TABLE=$($PY -c 'from utils.args import PAPER_ATTACKS as P
+for k, (target, trigger, _) in P.items(): print(f"TARGET[{k}]={target}; TRIGGER[{k}]={trigger}")
+print("ALL=\"" + " ".join(P) + "\"")') || {
+  echo "run_all.sh: cannot read the attack table from utils/args.py with '$PY' (is the environment installed? see README.md)" >&2
+  exit 2
+}
+eval "$TABLE"
 
 if [ "$QUICK" = 1 ]; then
   : "${ATTACKS:=badnets blend}"
