@@ -11,7 +11,8 @@ D_c is held out of training, and the epoch with the best (held-out D_c accuracy 
 Opt-in --relearn_stamp F estimates the trigger from the split itself (what D_p has in common that
 D_c has not, see estimate_trigger) and stamps it on a share F of every relearning batch, labels
 unchanged: the model is shown fresh triggered images of every class with their true labels, which
-it cannot satisfy by memorising the few hundred images of D_p.
+it cannot satisfy by memorising the few hundred images of D_p. --stamp_jitter J varies each stamp's
+strength in [1 - J, 1 + J], which covers the gap between the estimate and the real trigger.
 
 The separated sets may come from SD models of another width (--sd_width) than the model purified
 here; dataset, attack, poison rate and seed must match.
@@ -56,6 +57,8 @@ def build_parser():
     g.add_argument("--relearn_stamp", type=float, default=0.0,
                    help="stamp the trigger estimated from D_p and D_c on this share of each relearning batch, "
                         "labels unchanged (see estimate_trigger)")
+    g.add_argument("--stamp_jitter", type=float, default=0.0,
+                   help="with --relearn_stamp: draw each stamp's strength from [1 - J, 1 + J] around the estimate")
     g.add_argument("--balance_classes", action="store_true",
                    help="weight the relearning cross-entropy so every class of D_c counts the same (the FCT "
                         "split is not class-balanced: the target class is often over-represented in D_c)")
@@ -97,12 +100,20 @@ def stamp_trigger(x, trigger):
     return ((1 - mask) * (x + shift) + mask * poison_mean).clamp_(0, 1)
 
 
-def stamping(augment, trigger, share):
-    """The training augmentation, then the estimated trigger on a seeded random ``share`` of the batch."""
+def stamping(augment, trigger, share, jitter=0.0):
+    """The training augmentation, then the estimated trigger on a seeded random ``share`` of the batch.
+
+    jitter J > 0 draws each image's stamp strength k from [1 - J, 1 + J] (x + k (stamped - x)), so the
+    model learns to ignore the trigger at every strength near the estimate, not only the estimate.
+    """
     def transform(x, g):
         x = augment(x, g) if augment is not None else x
         chosen = (torch.rand(len(x), generator=g) < share).to(x.device)
-        return torch.where(chosen[:, None, None, None], stamp_trigger(x, trigger), x)
+        stamped = stamp_trigger(x, trigger)
+        if jitter:
+            k = 1 + jitter * (2 * torch.rand(len(x), generator=g) - 1)
+            stamped = (x + k.to(x.device)[:, None, None, None] * (stamped - x)).clamp_(0, 1)
+        return torch.where(chosen[:, None, None, None], stamped, x)
     return transform
 
 
@@ -153,6 +164,8 @@ def main(args):
         raise UserError(f"--select_holdout must be in [0, 1), got {args.select_holdout}")
     if not 0 <= args.relearn_stamp <= 1:
         raise UserError(f"--relearn_stamp must be in [0, 1], got {args.relearn_stamp}")
+    if not 0 <= args.stamp_jitter <= 1:
+        raise UserError(f"--stamp_jitter must be in [0, 1], got {args.stamp_jitter}")
     if not args.overwrite and any(p.exists() for p in (best_path, last_path, selected_path)):
         raise UserError(f"{best_path} already exists; pass --overwrite or another --checkpoint_save")
     print_header("unlearn_relearn.py", args)
@@ -172,12 +185,12 @@ def main(args):
     augment = relearn_augment = train_augmentation(args.dataset)
     if args.relearn_stamp:
         trigger = [t.to(rt.device) for t in estimate_trigger(poison_set.images.cpu(), clean_set.images.cpu())]
-        relearn_augment = stamping(augment, trigger, args.relearn_stamp)
+        relearn_augment = stamping(augment, trigger, args.relearn_stamp, args.stamp_jitter)
         examples = clean_set.images[:4].float().div(255)
         picture = best_path.with_name(best_path.stem + "_trigger_estimate.png")
         save_trigger_estimate(picture, trigger, examples, stamp_trigger(examples.clone(), trigger))
-        print(f"relearning with the trigger estimated from D_p stamped on {args.relearn_stamp:.0%} of each batch "
-              f"(picture: {picture})")
+        print(f"relearning with the trigger estimated from D_p stamped on {args.relearn_stamp:.0%} of each batch, "
+              f"strength jitter {args.stamp_jitter} (picture: {picture})")
     optimizer = make_optimizer(args, model.parameters())
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
                  if args.lr_schedule == "cosine" else None)

@@ -196,3 +196,16 @@ def test_balanced_relearning_weights_every_class_the_same():
     loss, _ = module.weighted_cross_entropy(w)(lambda x: x, logits, labels)
     per = F.cross_entropy(logits, labels, reduction="none")
     assert torch.isclose(loss, (per[:6].mean() + per[6:].mean()) / 2, atol=1e-6)
+
+
+def test_stamp_jitter_varies_the_strength_around_the_estimate():
+    module = load_script("unlearn_relearn")
+    trigger = (torch.full((3, 8, 8), 0.4), torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))   # add 0.4 everywhere
+    x = torch.full((500, 3, 8, 8), 0.2)
+    plain = module.stamping(None, trigger, 1.0)(x, generator(0))
+    assert torch.allclose(plain, torch.full_like(x, 0.6))
+    out = module.stamping(None, trigger, 1.0, jitter=0.5)(x, generator(0))
+    added = out[:, 0, 0, 0] - 0.2                                      # 0.4 k, k in [0.5, 1.5]
+    assert added.min() >= 0.2 - 1e-6 and added.max() <= 0.6 + 1e-6
+    assert added.std() > 0.05 and abs(added.mean().item() - 0.4) < 0.03
+    assert torch.equal(out, module.stamping(None, trigger, 1.0, jitter=0.5)(x, generator(0)))
