@@ -53,7 +53,8 @@ QUICK=(--quick --data_file "$DATA" --device "$DEVICE" --save_root "$SR" --st_epo
 [ -n "${SKIP_DST:-}" ] && QUICK+=(--skip_dst)
 # D-BR variants run on each attack's split after its quick chain: "tag:flags;tag:flags" (alpha_c 0.5, alpha_p 0.05)
 B="--ascent_bound 4.6 --lr_schedule cosine"
-DBR_VARIANTS=${DBR_VARIANTS-"no_stamp:--lr 3e-3 $B;stamp50:--lr 1e-3 $B --relearn_stamp 0.5;stamp50_bal:--lr 1e-3 $B --relearn_stamp 0.5 --balance_classes;stamp80_bal_lr3e-3:--lr 3e-3 $B --relearn_stamp 0.8 --balance_classes"}
+# (each runs --epochs 60 unless its flags name another count; run_all.sh's own D-BR is the quick setting)
+DBR_VARIANTS=${DBR_VARIANTS-"no_stamp:--lr 3e-3 $B;stamp_e20:--epochs $(e 20) --lr 1e-3 $B --relearn_stamp 0.5 --balance_classes;stamp_jitter_e60:--lr 1e-3 $B --relearn_stamp 0.5 --stamp_jitter 0.5 --balance_classes"}
 
 attack_job() {
   local a=$1
