@@ -18,6 +18,7 @@ The separated sets may come from SD models of another width (--sd_width) than th
 here; dataset, attack, poison rate and seed must match.
 """
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,8 +33,8 @@ from utils.paths import backdoor_dir, latest_checkpoint, split_dir
 from utils.plots import save_trigger_estimate
 from utils.split import load_split
 from utils.supcon import balanced_class_weights
-from utils.train import (evaluate, format_metrics, generator, load_attack_data, make_optimizer, make_runtime,
-                         place_train_data, predict, prepare_model, seed_everything, train_epoch)
+from utils.train import (cross_entropy, evaluate, format_metrics, generator, load_attack_data, make_optimizer,
+                         make_runtime, place_train_data, predict, prepare_model, seed_everything, train_epoch)
 
 COLUMNS = ["Epoch", "Test_ACC", "Test_ASR", "Test_ASR0", "Test_R-ACC", "Test_ACC_nontarget", "Unlearn_Loss",
            "Relearn_Loss", "Seconds"]
@@ -70,13 +71,6 @@ def bounded_ascent_criterion(bound):
     def criterion(model, x, y):
         logits = model(x)
         return F.cross_entropy(logits, y, reduction="none").clamp(max=bound).mean(), logits
-    return criterion
-
-
-def weighted_cross_entropy(weight):
-    def criterion(model, x, y):
-        logits = model(x)
-        return F.cross_entropy(logits, y, weight=weight), logits
     return criterion
 
 
@@ -188,7 +182,7 @@ def main(args):
         relearn_augment = stamping(augment, trigger, args.relearn_stamp, args.stamp_jitter)
         examples = clean_set.images[:4].float().div(255)
         picture = best_path.with_name(best_path.stem + "_trigger_estimate.png")
-        save_trigger_estimate(picture, trigger, examples, stamp_trigger(examples.clone(), trigger))
+        save_trigger_estimate(picture, trigger, examples, stamp_trigger(examples, trigger))
         print(f"relearning with the trigger estimated from D_p stamped on {args.relearn_stamp:.0%} of each batch, "
               f"strength jitter {args.stamp_jitter} (picture: {picture})")
     optimizer = make_optimizer(args, model.parameters())
@@ -198,7 +192,7 @@ def main(args):
     if args.balance_classes:
         weight = balanced_class_weights(clean_set.labels.cpu(), args.num_classes)
         print("class weights of the relearning CE: " + " ".join(f"{w:.2f}" for w in weight.tolist()))
-        relearn["criterion"] = weighted_cross_entropy(weight.to(rt.device))
+        relearn["criterion"] = partial(cross_entropy, weight=weight.to(rt.device))
     unlearn = bounded_ascent_criterion(args.ascent_bound) if args.ascent_bound else None
     logger = CSVLogger(log_path, COLUMNS + (HOLDOUT_COLUMNS if args.select_holdout else []))
     select = (lambda: holdout_metrics(model, held_clean, held_poison, rt)) if args.select_holdout else dict

@@ -72,9 +72,10 @@ def batch_indices(n, batch_size, g=None, device=None):
 
 
 # ----------------------------------------------------------------------------------- losses
-def cross_entropy(model, x, y):
+def cross_entropy(model, x, y, weight=None):
+    """The default train_epoch criterion; ``weight`` (per class) as in F.cross_entropy."""
     logits = model(x)
-    return F.cross_entropy(logits, y), logits
+    return F.cross_entropy(logits, y, weight=weight), logits
 
 
 # ----------------------------------------------------------------------------------- one epoch
