@@ -40,6 +40,7 @@ class TestSets:
     bd_targets: torch.Tensor    # the attack's target label of each backdoor test image
     bd_gt_labels: torch.Tensor  # their true classes (for R-ACC)
     bd_clean_images: torch.Tensor  # the same images without trigger (for the base rate ASR0)
+    bd_source: torch.Tensor = None  # their positions in the clean split (ASR0 then reuses its forward pass)
 
 
 # ----------------------------------------------------------------------------------- raw data
@@ -207,5 +208,5 @@ def build_datasets(args, clean_model=None, raw=None, poison=True):
     # the test-time target: t for all2one and cleanLabel, (y + 1) mod C for all2all
     bd_targets = attack_labels(y_test[keep], "all2all" if args.target_type == "all2all" else "all2one", t, C)
     tests = TestSets(x_test, y_test, apply_trigger(args.trigger_type, bd_clean, "test", ctx),
-                     bd_targets, y_test[keep], bd_clean)
+                     bd_targets, y_test[keep], bd_clean, torch.nonzero(keep).flatten())
     return train, tests

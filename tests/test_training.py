@@ -2,6 +2,7 @@
 utils.paths says, refuses to overwrite them silently, resumes, and checks checkpoints it is given."""
 import math
 import shutil
+import types
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from utils.args import validate_args
 from utils.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from utils.errors import UserError
 from utils.paths import backdoor_dir
-from utils.train import Runtime, evaluate, load_attack_data
+from utils.train import evaluate, load_attack_data, make_runtime
 
 SCRIPT = "train_attack_noTrans"
 # Measured: with 10 % poisoning the width-8 net needs > 8 epochs to pick up the grid trigger on the
@@ -71,8 +72,9 @@ def test_checkpoint_reproduces_the_logged_metrics(trained):
     root, run_dir = trained
     model, _ = model_from_checkpoint(run_dir / f"{EPOCHS - 1}.tar")
     args = validate_args(parse_script_args(SCRIPT, root, *RUN))
-    _, tests = load_attack_data(args, Runtime(torch.device("cpu")))
-    metrics = evaluate(model, tests, Runtime(torch.device("cpu")), target_label=0)
+    rt = make_runtime(args, torch.device("cpu"))  # the precision the run logged with (bf16 inference on AMX)
+    _, tests = load_attack_data(args, rt)
+    metrics = evaluate(model, tests, rt, target_label=0)
     last = pd.read_csv(run_dir / "log.csv").iloc[-1]
     for key in ("Test_ACC", "Test_ASR", "Test_ASR0", "Test_R-ACC"):
         assert metrics[key] == pytest.approx(last[key], abs=1e-3), key
@@ -128,3 +130,21 @@ def test_checkpoint_from_another_run_is_refused_before_writing(tmp_path, save_ro
     with pytest.raises(UserError, match=other[0]):
         load_script(SCRIPT).main(args)
     assert not save_root.exists(), "nothing written"
+
+
+def test_inference_precision_is_separate_from_training_precision():
+    """--amp auto trains in fp32 on a CPU; forward-only passes use bf16 only where the CPU runs it
+    natively; --amp off keeps everything fp32 and --amp on makes everything bf16."""
+    from utils.args import cpu_has_native_bf16, use_amp, use_inference_amp
+    cpu = torch.device("cpu")
+    modes = {m: types.SimpleNamespace(amp=m) for m in ("auto", "on", "off")}
+    assert not use_amp(modes["auto"], cpu) and use_inference_amp(modes["auto"], cpu) == cpu_has_native_bf16()
+    assert use_amp(modes["on"], cpu) and use_inference_amp(modes["on"], cpu)
+    assert not use_amp(modes["off"], cpu) and not use_inference_amp(modes["off"], cpu)
+    rt = make_runtime(modes["off"], cpu)
+    rt.inference_amp = True
+    layer = torch.nn.Linear(4, 2)
+    with rt.autocast():
+        assert layer(torch.ones(1, 4)).dtype == torch.float32
+    with rt.autocast(inference=True):
+        assert layer(torch.ones(1, 4)).dtype == torch.bfloat16

@@ -55,7 +55,7 @@ def fct_values(model, images, rt, transforms=("rotate", "affine"), seed=0, batch
             for name, p in tau:
                 xt = apply_fct_transform(name, xt, {k: v[i:i + batch_size] for k, v in p.items()})
             views.append(xt.contiguous(memory_format=torch.channels_last))
-        with rt.autocast():  # one forward for x and its tau(x): BN is in eval mode, so they do not mix
+        with rt.autocast(inference=True):  # one forward for x and its tau(x): BN is in eval mode, so they do not mix
             f = model.features(torch.cat(views)).float().view(len(views), len(x), -1)
         out[i:i + len(x)] = ((f[:1] - f[1:]) ** 2).mean(2).mean(0).cpu().numpy()
     return out

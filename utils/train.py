@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataloader_bd import build_datasets
-from utils.args import use_amp
+from utils.args import use_amp, use_inference_amp
 from utils.checkpoint import (ATTACK_KEYS, MODEL_KEYS, check_compatible, load_weights, model_from_checkpoint,
                               read_checkpoint, save_checkpoint)
 from utils.errors import UserError
@@ -29,10 +29,12 @@ _BIG = 2 << 30  # datasets above 2 GiB stay in host memory and travel batch by b
 class Runtime:
     """Where and how tensors are computed."""
     device: torch.device
-    amp: bool = False
+    amp: bool = False              # bf16 autocast of training steps
+    inference_amp: bool = None     # ... of forward-only passes (evaluation, FCT); None: as amp
 
-    def autocast(self):
-        if self.amp:
+    def autocast(self, inference=False):
+        amp = self.inference_amp if inference and self.inference_amp is not None else self.amp
+        if amp:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -48,7 +50,7 @@ class Runtime:
 
 
 def make_runtime(args, device):
-    return Runtime(device, use_amp(args, device))
+    return Runtime(device, use_amp(args, device), use_inference_amp(args, device))
 
 
 def prepare_model(model, rt):
@@ -125,7 +127,7 @@ def predict(model, images, rt, batch_size=512, features=False):
     fn = model.features if features else model
     out = []
     for i in range(0, len(images), batch_size):
-        with rt.autocast():
+        with rt.autocast(inference=True):
             out.append(fn(rt.images(images[i:i + batch_size])).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
@@ -138,7 +140,8 @@ def evaluate(model, tests, rt, target_label=0):
     """
     cl = predict(model, tests.clean_images, rt)
     bd = predict(model, tests.bd_images, rt)
-    bd0 = predict(model, tests.bd_clean_images, rt)
+    # the untriggered backdoor images are clean test images: their logits are already in cl
+    bd0 = cl[tests.bd_source] if tests.bd_source is not None else predict(model, tests.bd_clean_images, rt)
     pct = lambda m: 100.0 * m.float().mean().item() if len(m) else float("nan")  # noqa: E731
     nontarget = tests.clean_labels != target_label
     return {
