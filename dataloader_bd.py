@@ -46,7 +46,9 @@ class TestSets:
 # ----------------------------------------------------------------------------------- raw data
 def make_synthetic(n_train=2000, n_test=500, num_classes=10, size=32):
     """A small learnable 10-class 32x32 dataset generated in code: each class is a smooth random
-    colour layout; samples are shifted, re-lit, noisy copies of it."""
+    colour layout; samples are shifted, turned (one of the 8 right-angle rotations and flips), re-lit,
+    noisy copies of it. The turns make a class, as in photos, something a rotation keeps, while a
+    trigger keeps its one orientation: the property FCT relies on."""
     rng = np.random.default_rng(SYNTHETIC_SEED)
     coarse = torch.from_numpy(rng.uniform(30, 225, (num_classes, 3, 4, 4)).astype(np.float32))
     protos = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
@@ -59,6 +61,20 @@ def make_synthetic(n_train=2000, n_test=500, num_classes=10, size=32):
         for s in np.unique(shifts, axis=0):  # a handful of distinct shifts, not a per-image loop
             idx = np.where((shifts == s).all(1))[0]
             x[idx] = torch.roll(x[idx], shifts=(int(s[0]), int(s[1])), dims=(2, 3))
+        turns = rng.integers(0, 8, n)
+        for k in range(8):  # one batched call per turn of the dihedral group
+            idx = np.where(turns == k)[0]
+            x[idx] = torch.rot90(x[idx], k % 4, dims=(2, 3))
+            if k >= 4:
+                x[idx] = x[idx].flip(3)
+        # a faint grating of random orientation, period and phase on every image, whatever its class:
+        # edges and stripes of all orientations, as photos have, so that only the trigger's own
+        # orientation and period stand out
+        theta, period = rng.uniform(0, np.pi, (n, 1, 1)), rng.uniform(4, 12, (n, 1, 1))
+        phase, amplitude = rng.uniform(0, 2 * np.pi, (n, 1, 1)), rng.uniform(0, 30, (n, 1, 1))
+        yy, xx = np.mgrid[0:size, 0:size]
+        grating = amplitude * np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period + phase)
+        x = x + torch.from_numpy(grating.astype(np.float32))[:, None]
         x = x * torch.from_numpy(rng.uniform(0.7, 1.3, (n, 1, 1, 1)).astype(np.float32))
         x = x + torch.from_numpy(rng.normal(0, 20, x.shape).astype(np.float32))
         return x.clamp(0, 255).round().to(torch.uint8), torch.from_numpy(y.astype(np.int64))

@@ -66,12 +66,12 @@ def subset_path():
 @pytest.fixture(scope="session")
 def sd_chain(tmp_path_factory):
     """SD steps 1-5 once per test session on synthetic data with a planted trigger (20 % BadNets):
-    noTrans 4 epochs (learns the trigger), fine-tune 1 epoch, FCT, gamma, split.
+    noTrans 9 epochs (learns the trigger at epoch 6), fine-tune 1 epoch, FCT, gamma, split.
     Returns (save_root, the FCT step's args, Delta values, gamma result, split report)."""
     root = tmp_path_factory.mktemp("sd") / "saved"
     common = ("--poison_rate", 0.2)
     load_script("train_attack_noTrans").main(
-        parse_script_args("train_attack_noTrans", root, *common, "--epochs", 4, "--lr", 0.05))
+        parse_script_args("train_attack_noTrans", root, *common, "--epochs", 9, "--lr", 0.05))
     load_script("finetune_attack_noTrans").main(
         parse_script_args("finetune_attack_noTrans", root, *common, "--epochs", 1))
     args = parse_script_args("calculate_consistency", root, *common)

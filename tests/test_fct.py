@@ -145,7 +145,7 @@ def test_fct_ranks_planted_poison_above_clean(sd_run):
     clean = np.loadtxt(run / "0_clean.txt")
     assert len(poison) == 360 and len(clean) == 1640 and len(np.loadtxt(run / "0_all.txt")) == 2000
     assert np.median(poison) > np.median(clean)
-    assert report["auroc"] > 0.7   # measured 0.79 (width 8, 1 fine-tuning epoch); chance is 0.5
+    assert report["auroc"] > 0.9   # measured 0.98 (width 8, 1 fine-tuning epoch); chance is 0.5
     assert report["poison_in_poison_set_pct"] > report["poison_in_clean_set_pct"]
 
 
