@@ -13,6 +13,9 @@ D_c has not, see estimate_trigger) and stamps it on a share F of every relearnin
 unchanged: the model is shown fresh triggered images of every class with their true labels, which
 it cannot satisfy by memorising the few hundred images of D_p. --stamp_jitter J varies each stamp's
 strength in [1 - J, 1 + J], which covers the gap between the estimate and the real trigger.
+--stamp_source dominant_label estimates it from the D_p samples of D_p's most common label only: a
+dirty-label all2one attack gives all its poisoned samples the target label, so the clean images FCT
+let into D_p (mostly of other classes) no longer dilute the estimate.
 
 The separated sets may come from SD models of another width (--sd_width) than the model purified
 here; dataset, attack, poison rate and seed must match.
@@ -60,6 +63,9 @@ def build_parser():
                         "labels unchanged (see estimate_trigger)")
     g.add_argument("--stamp_jitter", type=float, default=0.0,
                    help="with --relearn_stamp: draw each stamp's strength from [1 - J, 1 + J] around the estimate")
+    g.add_argument("--stamp_source", default="poison_set", choices=("poison_set", "dominant_label"),
+                   help="with --relearn_stamp: estimate the trigger from all of D_p, or from its samples of "
+                        "D_p's most common label (the target of an all2one attack)")
     g.add_argument("--balance_classes", action="store_true",
                    help="weight the relearning cross-entropy so every class of D_c counts the same (the FCT "
                         "split is not class-balanced: the target class is often over-represented in D_c)")
@@ -86,6 +92,13 @@ def estimate_trigger(poison_images, clean_images):
     poison_mean = p.mean(0)
     mask = (1 - p.std(0) / c.std(0).clamp_min(1e-3)).clamp(0, 1)
     return poison_mean - c.mean(0), mask, poison_mean
+
+
+def dominant_label_part(images, labels):
+    """The images of the most common label (its share of the set is printed by the caller)."""
+    label = int(torch.bincount(labels).argmax())
+    chosen = labels == label
+    return images[chosen], label, chosen.float().mean().item()
 
 
 def stamp_trigger(x, trigger):
@@ -178,7 +191,11 @@ def main(args):
           f"lr {args.lr}, {args.epochs} epochs")
     augment = relearn_augment = train_augmentation(args.dataset)
     if args.relearn_stamp:
-        trigger = [t.to(rt.device) for t in estimate_trigger(poison_set.images.cpu(), clean_set.images.cpu())]
+        source = poison_set.images.cpu()
+        if args.stamp_source == "dominant_label":
+            source, label, share = dominant_label_part(source, poison_set.labels.cpu())
+            print(f"trigger estimated from the {len(source)} D_p samples labelled {label} ({share:.0%} of D_p)")
+        trigger = [t.to(rt.device) for t in estimate_trigger(source, clean_set.images.cpu())]
         relearn_augment = stamping(augment, trigger, args.relearn_stamp, args.stamp_jitter)
         examples = clean_set.images[:4].float().div(255)
         picture = best_path.with_name(best_path.stem + "_trigger_estimate.png")

@@ -178,7 +178,8 @@ def test_stamp_and_balance_flags_reach_the_relearning_pass(victim, tmp_path, mon
     monkeypatch.setattr(module, "train_epoch", spy)
     out = tmp_path / "dbr.tar"
     argv = ("--poison_rate", 0.2, "--epochs", 1, "--checkpoint_save", out, "--log", tmp_path / "dbr.csv")
-    module.main(parse_script_args("unlearn_relearn", victim, *argv, "--relearn_stamp", 0.5, "--balance_classes"))
+    module.main(parse_script_args("unlearn_relearn", victim, *argv, "--relearn_stamp", 0.5, "--balance_classes",
+                                  "--stamp_source", "dominant_label"))
     unlearn, relearn = calls
     assert unlearn["ascent"] and "criterion" not in unlearn
     assert relearn["augment"] is not unlearn["augment"] and relearn["criterion"] is not None
@@ -209,3 +210,20 @@ def test_stamp_jitter_varies_the_strength_around_the_estimate():
     assert added.min() >= 0.2 - 1e-6 and added.max() <= 0.6 + 1e-6
     assert added.std() > 0.05 and abs(added.mean().item() - 0.4) < 0.03
     assert torch.equal(out, module.stamping(None, trigger, 1.0, jitter=0.5)(x, generator(0)))
+
+
+def test_dominant_label_estimate_ignores_clean_images_of_other_labels():
+    """With 30 % clean images of other labels in D_p (as FCT lets in), the all-of-D_p estimate
+    underrates a blend's weight; --stamp_source dominant_label keeps only the target-labelled part."""
+    module = load_script("unlearn_relearn")
+    pattern = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(2))
+    clean, poisoned = _pair(400, lambda x: 0.7 * x + 0.3 * pattern, 3)
+    intruders = clean[:170]  # clean images that landed in D_p, labelled 1..9
+    poison_set = torch.cat([poisoned, intruders])
+    labels = torch.cat([torch.zeros(400, dtype=torch.long), torch.arange(170) % 9 + 1])
+    part, label, share = module.dominant_label_part(poison_set, labels)
+    assert label == 0 and len(part) == 400 and abs(share - 400 / 570) < 1e-6
+    assert torch.equal(part, poisoned)
+    everything = module.estimate_trigger(poison_set, clean[170:])[1].median().item()
+    dominant = module.estimate_trigger(part, clean[170:])[1].median().item()
+    assert abs(dominant - 0.3) < 0.08 and everything < dominant - 0.1
