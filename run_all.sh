@@ -55,7 +55,7 @@ if [ "$QUICK" = 1 ]; then
   # the best CPU-scale settings measured so far (BENCHMARKS.md): opt-in, beyond the paper
   SD_FLAGS="--fct_draws 4"; SPLIT=(--clean_ratio 0.5 --poison_ratio 0.05)
   E_DBR=20; DBR_FLAGS="--lr 1e-3 --ascent_bound 4.6 --lr_schedule cosine --relearn_stamp 0.5 --stamp_jitter 0.5 --balance_classes"
-  ST_FLAGS="--time_budget 2"; E_CLS=10; CLS_FLAGS="--balance_classes --normalize_features --cosine"
+  ST_FLAGS="--time_budget 3"; E_CLS=10; CLS_FLAGS="--balance_classes --normalize_features --cosine"
 else
   : "${ATTACKS:=$ALL}"
   : "${DATASET:=cifar10}"
