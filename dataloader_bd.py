@@ -39,8 +39,12 @@ class TestSets:
     bd_images: torch.Tensor     # triggered test images (target class excluded for all2one/cleanLabel)
     bd_targets: torch.Tensor    # the attack's target label of each backdoor test image
     bd_gt_labels: torch.Tensor  # their true classes (for R-ACC)
-    bd_clean_images: torch.Tensor  # the same images without trigger (for the base rate ASR0)
-    bd_source: torch.Tensor = None  # their positions in the clean split (ASR0 then reuses its forward pass)
+    bd_source: torch.Tensor     # their positions in the clean split (ASR0 reuses the clean forward pass)
+
+    @property
+    def bd_clean_images(self):
+        """The backdoor test images without trigger (for the base rate ASR0)."""
+        return self.clean_images[self.bd_source]
 
 
 # ----------------------------------------------------------------------------------- raw data
@@ -220,9 +224,8 @@ def build_datasets(args, clean_model=None, raw=None, poison=True):
     train = PoisonedTrainSet(images, labels, y_train.clone(), is_clean, poison_idx)
 
     keep = torch.ones_like(y_test, dtype=torch.bool) if args.target_type == "all2all" else y_test != t
-    bd_clean = x_test[keep]
     # the test-time target: t for all2one and cleanLabel, (y + 1) mod C for all2all
     bd_targets = attack_labels(y_test[keep], "all2all" if args.target_type == "all2all" else "all2one", t, C)
-    tests = TestSets(x_test, y_test, apply_trigger(args.trigger_type, bd_clean, "test", ctx),
-                     bd_targets, y_test[keep], bd_clean, torch.nonzero(keep).flatten())
+    tests = TestSets(x_test, y_test, apply_trigger(args.trigger_type, x_test[keep], "test", ctx),
+                     bd_targets, y_test[keep], torch.nonzero(keep).flatten())
     return train, tests

@@ -32,9 +32,12 @@ class Runtime:
     amp: bool = False              # bf16 autocast of training steps
     inference_amp: bool = None     # ... of forward-only passes (evaluation, FCT); None: as amp
 
+    def __post_init__(self):
+        if self.inference_amp is None:
+            self.inference_amp = self.amp
+
     def autocast(self, inference=False):
-        amp = self.inference_amp if inference and self.inference_amp is not None else self.amp
-        if amp:
+        if self.inference_amp if inference else self.amp:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -140,8 +143,7 @@ def evaluate(model, tests, rt, target_label=0):
     """
     cl = predict(model, tests.clean_images, rt)
     bd = predict(model, tests.bd_images, rt)
-    # the untriggered backdoor images are clean test images: their logits are already in cl
-    bd0 = cl[tests.bd_source] if tests.bd_source is not None else predict(model, tests.bd_clean_images, rt)
+    bd0 = cl[tests.bd_source]  # the untriggered backdoor images are clean test images: no third pass
     pct = lambda m: 100.0 * m.float().mean().item() if len(m) else float("nan")  # noqa: E731
     nontarget = tests.clean_labels != target_label
     return {
