@@ -48,8 +48,10 @@ def mixed_ce_step(model, data, rt, g, lam, class_weight=None):
     """The loss of one batch of indices: one augmented view, CE(D_c) - lam * CE(D_p)."""
     def step(idx):
         x = supcon_view(rt.images(data.images[idx]), g).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), rt.autocast(inference=True):  # the frozen encoder: a forward-only pass
+            features = model.features(x).float()
         with rt.autocast():
-            logits = model(x).float()
+            logits = model.linear(features).float()
         y = data.labels[idx].to(rt.device)
         in_p = data.in_poison_set[idx].to(rt.device)
         hit = logits.argmax(1) == y

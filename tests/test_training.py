@@ -133,14 +133,17 @@ def test_checkpoint_from_another_run_is_refused_before_writing(tmp_path, save_ro
 
 
 def test_inference_precision_is_separate_from_training_precision():
-    """--amp auto trains in fp32 on a CPU; forward-only passes use bf16 only where the CPU runs it
-    natively; --amp off keeps everything fp32 and --amp on makes everything bf16."""
+    """--amp auto trains in fp32 on a CPU (except the D-ST extractor where bf16 is native); forward-only
+    passes use bf16 only where the CPU runs it natively; --amp off keeps everything fp32 and --amp on makes everything bf16."""
     from utils.args import cpu_has_native_bf16, use_amp, use_inference_amp
     cpu = torch.device("cpu")
     modes = {m: types.SimpleNamespace(amp=m) for m in ("auto", "on", "off")}
     assert not use_amp(modes["auto"], cpu) and use_inference_amp(modes["auto"], cpu) == cpu_has_native_bf16()
     assert use_amp(modes["on"], cpu) and use_inference_amp(modes["on"], cpu)
     assert not use_amp(modes["off"], cpu) and not use_inference_amp(modes["off"], cpu)
+    # the D-ST extractor (native_cpu=True) also trains in bf16 with auto, but only where bf16 is native
+    assert use_amp(modes["auto"], cpu, native_cpu=True) == cpu_has_native_bf16()
+    assert not use_amp(modes["off"], cpu, native_cpu=True)
     rt = make_runtime(modes["off"], cpu)
     rt.inference_amp = True
     layer = torch.nn.Linear(4, 2)

@@ -52,8 +52,9 @@ class Runtime:
         return x.contiguous(memory_format=torch.channels_last)
 
 
-def make_runtime(args, device):
-    return Runtime(device, use_amp(args, device), use_inference_amp(args, device))
+def make_runtime(args, device, native_cpu_amp=False):
+    """native_cpu_amp: see utils.args.use_amp (bf16 training on native-bf16 CPUs with --amp auto)."""
+    return Runtime(device, use_amp(args, device, native_cpu_amp), use_inference_amp(args, device))
 
 
 def prepare_model(model, rt):
