@@ -8,6 +8,7 @@ import torch
 
 from conftest import load_script, parse_script_args
 from utils.augment import apply_fct_transform, sample_fct_params
+from utils.errors import UserError
 from utils.fct import (auroc, fct_values, intra_class_loss, split_by_rank, split_by_threshold, split_report,
                        thresholds)
 from utils.paths import backdoor_dir, split_dir
@@ -172,3 +173,19 @@ def test_split_files_partition_the_training_set(sd_run):
     assert values[clean_idx].max() <= np.sort(values)[400] + 1e-12   # the split agrees with gamma_c
     assert gamma["gamma_low"] == pytest.approx(np.sort(values)[400])
     assert split["poison"]["images"].dtype == torch.uint8 and split["poison"]["images"].shape[1:] == (3, 32, 32)
+
+
+def test_tau_study_reproduces_the_split_of_the_chain_and_writes_nothing(sd_run):
+    """benchmarks/tau_study.py with the chain's tau gives the chain's split report; it writes no file."""
+    root, args, _, _, report = sd_run
+    tau_study = load_script("benchmarks/tau_study")
+    before = sorted(root.rglob("*"))
+    rows = tau_study.main(parse_script_args("benchmarks/tau_study", root, "--poison_rate", 0.2,
+                                            "--taus", "rotate+affine", "flip"))
+    assert [r["tau"] for r in rows] == ["rotate + affine", "flip + none"]
+    assert rows[0]["D_c % poisoned"] == round(report["poison_in_clean_set_pct"], 2)
+    assert rows[0]["D_p % poisoned"] == round(report["poison_in_poison_set_pct"], 2)
+    assert rows[0]["AUROC"] == round(report["auroc"], 4)
+    assert sorted(root.rglob("*")) == before
+    with pytest.raises(UserError, match="not TRANS1"):
+        tau_study.parse_tau("rotate+spin")
