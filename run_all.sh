@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE="$2"; shift ;;
     --save_root) SAVE_ROOT="$2"; shift ;;
     --epoch_scale) SCALE="$2"; shift ;;   # multiplies every epoch count (tests use a tiny value)
-    --st_epochs) ST_EPOCHS="$2"; shift ;; # D-ST extractor epochs instead of the time budget
+    --st_epochs) ST_EPOCHS="$2"; shift ;; # D-ST extractor epochs (default: quick 30, full 200)
     --results_dir) RESULTS_DIR="$2"; shift ;;
     --seed) SEED="$2"; shift ;;           # poisoned set and training seed (default: the scripts' 1000)
     --skip_dst) SKIP_DST=1 ;;
@@ -53,9 +53,9 @@ if [ "$QUICK" = 1 ]; then
   # CPU scale: the subset has ~1/10 of CIFAR-10, so short runs get ~10x the epochs (same SGD steps)
   E_NOTRANS=20; E_FT=10; E_WITH=40; SCHED_WITH="20 30"; E_CLEAN=40
   # the best CPU-scale settings measured so far (BENCHMARKS.md): opt-in, beyond the paper
-  SD_FLAGS="--fct_draws 4"; SPLIT=(--clean_ratio 0.5 --poison_ratio 0.05)
+  SD_FLAGS="--fct_draws 4 --trans1 flip --trans2 crop"; SPLIT=(--clean_ratio 0.5 --poison_ratio 0.05)
   E_DBR=20; DBR_FLAGS="--lr 1e-3 --ascent_bound 4.6 --lr_schedule cosine --relearn_stamp 0.5 --stamp_jitter 0.5 --balance_classes"
-  ST_FLAGS="--time_budget 3"; E_CLS=10; CLS_FLAGS="--balance_classes --normalize_features --cosine"
+  ST_FLAGS="--epochs 30"; E_CLS=10; CLS_FLAGS="--balance_classes --normalize_features --cosine"
 else
   : "${ATTACKS:=$ALL}"
   : "${DATASET:=cifar10}"
