@@ -10,13 +10,10 @@ Takes every flag of calculate_consistency.py (the fine-tuned model is found the 
 and --trans2 are replaced by --taus. Prints one row per tau: D_c and D_p % poisoned, poison recall
 of D_p, AUROC of Delta. This is how BENCHMARKS.md (session 5) chose the quick setting's tau.
 """
-import contextlib
-import io
-
 from utils.args import FCT_TRANSFORMS, resolve_device, validate_args
 from utils.args import build_parser as shared_parser
 from utils.errors import UserError, run_main
-from utils.fct import compute_fct, split_by_rank, split_report
+from utils.fct import compute_fct, load_fct_inputs, split_by_rank, split_report
 from utils.tables import to_markdown
 from utils.train import make_runtime
 
@@ -39,11 +36,11 @@ def main(args):
     validate_args(args)
     taus = [parse_tau(t) for t in args.taus]
     rt = make_runtime(args, resolve_device(args))
+    inputs = load_fct_inputs(args, rt)  # the model and the data once, for every tau
     rows = []
     for trans1, trans2 in taus:
         args.trans1, args.trans2 = trans1, trans2
-        with contextlib.redirect_stdout(io.StringIO()):  # compute_fct names its checkpoint on every call
-            values, train_set, ckpt, seconds = compute_fct(args, rt, args.batch_size)
+        values, train_set, ckpt, seconds = compute_fct(args, rt, args.batch_size, inputs)
         sets, _ = split_by_rank(values, args.clean_ratio, args.poison_ratio, args.seed)
         r = split_report(sets, ~train_set.is_clean.numpy(), values)
         rows.append({"tau": f"{trans1} + {trans2}", "D_c % poisoned": round(r["poison_in_clean_set_pct"], 2),
@@ -51,7 +48,7 @@ def main(args):
                      "D_p recall %": round(r["poison_recall_pct"], 2), "AUROC": round(r["auroc"], 4),
                      "seconds": round(seconds, 1)})
     print(f"SD model {ckpt}; alpha_c {args.clean_ratio}, alpha_p {args.poison_ratio}, "
-          f"{getattr(args, 'fct_draws', 1)} tau draw(s) per sample\n")
+          f"{args.fct_draws} tau draw(s) per sample\n")
     import pandas as pd
     print(to_markdown(pd.DataFrame(rows), digits=3))
     return rows

@@ -142,19 +142,27 @@ def fct_checkpoint(args):
     return path
 
 
-def compute_fct(args, rt, batch_size=512):
-    """Delta for every training sample of args' attack, from the fine-tuned SD model.
+def load_fct_inputs(args, rt):
+    """The fine-tuned SD model (checked against args) and the poisoned training set it is measured on.
 
-    Returns (values, train_set, checkpoint path, seconds spent on Delta).
-    """
-    import time
+    Returns (model on the device, train_set, checkpoint path)."""
     from utils.checkpoint import ATTACK_KEYS, check_compatible, model_from_checkpoint
     from utils.train import load_attack_data, prepare_model
     path = fct_checkpoint(args)
     model, ckpt = model_from_checkpoint(path)
     check_compatible(ckpt, args, ("dataset",) + ATTACK_KEYS, path)
-    model = prepare_model(model, rt)
     train_set, _ = load_attack_data(args, rt)
+    return prepare_model(model, rt), train_set, path
+
+
+def compute_fct(args, rt, batch_size=512, inputs=None):
+    """Delta for every training sample of args' attack (tau = args.trans1 + args.trans2), from the
+    fine-tuned SD model. inputs: load_fct_inputs' result, to measure several tau without reloading.
+
+    Returns (values, train_set, checkpoint path, seconds spent on Delta).
+    """
+    import time
+    model, train_set, path = inputs or load_fct_inputs(args, rt)
     t0 = time.time()
     values = fct_values(model, train_set.images, rt, (args.trans1, args.trans2), args.seed, batch_size,
                         getattr(args, "fct_draws", 1))
