@@ -55,6 +55,15 @@ def test_run_folder_and_outputs(trained):
     assert {"model", "optimizer", "scheduler"} <= set(ckpt)
 
 
+def test_own_trigger_asset_gets_its_own_folder(tmp_path):
+    """A run with its own blend image or SSBA encoder never shares the committed asset's folder."""
+    folder = lambda *flags: backdoor_dir(parse_script_args(SCRIPT, tmp_path, *flags), "noTrans").name  # noqa: E731
+    assert folder("--trigger_type", "kittyTrigger") == "kittyTrigger"
+    assert folder("--trigger_type", "kittyTrigger", "--blend_image", "imgs/my_cat.png") == "kittyTrigger_img-my_cat"
+    assert folder("--trigger_type", "SSBA", "--ssba_encoder", "enc/v2.pt") == "SSBA_enc-v2"
+    assert folder("--trigger_type", "gridTrigger", "--blend_image", "imgs/my_cat.png") == "gridTrigger"  # unused
+
+
 def test_learns_the_backdoor(trained):
     _, run_dir = trained
     log = pd.read_csv(run_dir / "log.csv")
@@ -128,6 +137,23 @@ def test_checkpoint_from_another_run_is_refused_before_writing(tmp_path, save_ro
     save_checkpoint(foreign, foreign_args, get_network(foreign_args), epoch=0)
     args = parse_script_args(SCRIPT, save_root, "--epochs", 1, "--checkpoint_load", foreign)
     with pytest.raises(UserError, match=other[0]):
+        load_script(SCRIPT).main(args)
+    assert not save_root.exists(), "nothing written"
+
+
+def test_checkpoint_made_with_another_trigger_file_is_refused(tmp_path, save_root):
+    """The blend image is fingerprinted: after it changes, its old checkpoint is not silently reused."""
+    from PIL import Image
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(image)
+    flags = ("--trigger_type", "kittyTrigger", "--blend_image", image)
+    old_args = validate_args(parse_script_args(SCRIPT, tmp_path / "elsewhere", *flags))
+    old = tmp_path / "old.tar"
+    save_checkpoint(old, old_args, get_network(old_args), epoch=0)
+    assert len(read_checkpoint(old)["args"]["trigger_asset"]) == 12
+    Image.fromarray(np.full((8, 8, 3), 30, np.uint8)).save(image)  # the user redraws the image in place
+    args = parse_script_args(SCRIPT, save_root, "--epochs", 1, "--checkpoint_load", old, *flags)
+    with pytest.raises(UserError, match="another trigger file"):
         load_script(SCRIPT).main(args)
     assert not save_root.exists(), "nothing written"
 

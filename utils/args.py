@@ -164,6 +164,9 @@ def validate_args(args):
     for name in ("clean_ratio", "poison_ratio"):
         if hasattr(args, name) and not 0 <= getattr(args, name) < 1:
             raise UserError(f"--{name} must be in [0, 1)")
+    if hasattr(args, "trigger_type"):
+        from utils.triggers import asset_fingerprint
+        args.trigger_asset = asset_fingerprint(args)  # recorded in checkpoints and splits
     info = dataset_info(args)  # the dataset facts, derived here and nowhere else
     args.num_classes, args.image_size = info.num_classes, info.image_size
     args.mean, args.std = list(info.mean), list(info.std)

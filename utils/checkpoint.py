@@ -16,7 +16,7 @@ from utils.paths import dataset_tag
 
 # what must agree between a checkpoint and the run that loads it
 MODEL_KEYS = ("dataset", "model", "width")
-ATTACK_KEYS = ("data_tag", "poison_rate", "target_type", "target_label", "trigger_type", "seed")
+ATTACK_KEYS = ("data_tag", "poison_rate", "target_type", "target_label", "trigger_type", "seed", "trigger_asset")
 
 
 def save_checkpoint(path, args, model, optimizer=None, scheduler=None, epoch=None, **extra):
@@ -51,7 +51,16 @@ def check_compatible(ckpt, args, keys, path="checkpoint"):
     current["data_tag"] = dataset_tag(args)
     for key in keys:
         if key in saved and key in current and saved[key] != current[key]:
-            raise UserError(f"{path} was made with --{key} {saved[key]}, but this run has --{key} {current[key]}")
+            raise UserError(mismatch_message(path, key, saved[key], current[key]))
+
+
+def mismatch_message(source, key, saved, current):
+    """One line saying in which setting an earlier output (checkpoint, split) and this run disagree."""
+    if key == "trigger_asset":
+        return (f"{source} was made with another trigger file (fingerprint {saved or 'none'}, now "
+                f"{current or 'none'}: the blend image, stripe, Trojan patch or SSBA encoder changed); "
+                "make it again with the current file (--overwrite) or restore the old file")
+    return f"{source} was made with --{key} {saved}, but this run has --{key} {current}"
 
 
 def load_weights(model, ckpt, path="checkpoint"):

@@ -24,7 +24,7 @@ def model_tag(args, width=None):
 
 
 def attack_tag(args):
-    tag = args.trigger_type
+    tag = args.trigger_type + _asset_suffix(args)
     if args.target_type != "all2one":
         tag += f"_{args.target_type}"
     if args.target_label != 0:
@@ -32,6 +32,18 @@ def attack_tag(args):
     if args.seed != DEFAULT_SEED:
         tag += f"_s{args.seed}"
     return tag
+
+
+def _asset_suffix(args):
+    """``_img-<stem>`` / ``_enc-<stem>`` when the run uses its own blend image (kittyTrigger) or
+    SSBA encoder instead of the committed one, so that two trigger images never share a folder."""
+    image = getattr(args, "blend_image", None)
+    if image and args.trigger_type == "kittyTrigger":
+        return f"_img-{Path(image).stem}"
+    encoder = getattr(args, "ssba_encoder", None)
+    if encoder and args.trigger_type == "SSBA":
+        return f"_enc-{Path(encoder).stem}"
+    return ""
 
 
 def _rate(x):

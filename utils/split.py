@@ -17,7 +17,8 @@ import numpy as np
 from utils.errors import UserError
 
 SET_NAMES = {"clean": "D_c", "poison": "D_p", "suspicious": "D_u"}
-META_KEYS = ("dataset", "data_tag", "poison_rate", "target_type", "target_label", "trigger_type", "seed")
+META_KEYS = ("dataset", "data_tag", "poison_rate", "target_type", "target_label", "trigger_type", "seed",
+             "trigger_asset")
 
 
 def save_split(folder, train_set, index_sets, report, meta):
@@ -53,10 +54,12 @@ def load_split(folder, args=None):
         from utils.paths import dataset_tag
         current = describe_args(args)
         current["data_tag"] = dataset_tag(args)
+        from utils.checkpoint import mismatch_message
         for key in META_KEYS:
+            if key == "trigger_asset" and key not in meta:
+                continue  # a split made before trigger files were fingerprinted
             if key in current and meta.get(key) != current[key]:
-                raise UserError(f"the split in {folder} was made with --{key} {meta.get(key)}, "
-                                f"but this run has --{key} {current[key]}")
+                raise UserError(mismatch_message(f"the split in {folder}", key, meta.get(key), current[key]))
     out = {}
     for name in SET_NAMES:
         load = lambda suffix: np.load(folder / f"{name}_{suffix}.npy", allow_pickle=False)  # noqa: E731

@@ -6,6 +6,7 @@ holds the few things a trigger may need (asset paths, the clean model of CL). Bl
 are computed in float and clipped to [0, 255] before the cast back to uint8. Adding an attack is
 one function and one row of ``TRIGGERS``.
 """
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -72,6 +73,27 @@ def square_trigger_imagenet(images, split, ctx):
     out = images.clone()
     out[:, :, h - s:, w - s:] = 255
     return out
+
+
+def asset_path(args):
+    """The file a trigger reads (blend image, stripe, Trojan patch, SSBA encoder), or None when the
+    trigger is drawn in code."""
+    trigger = args.trigger_type
+    if trigger == "kittyTrigger":
+        return Path(getattr(args, "blend_image", None) or ASSETS / "hello_kitty.png")
+    if trigger == "SSBA":
+        return Path(getattr(args, "ssba_encoder", None) or default_encoder_path(args.dataset))
+    return {"trojanTrigger": ASSETS / "trojan_patch.npy", "signalTrigger": ASSETS / "signal_stripe.npy"}.get(trigger)
+
+
+def asset_fingerprint(args):
+    """First 12 hex digits of the SHA-256 of the trigger's file ("" for triggers drawn in code or a
+    missing file, which the trigger itself reports). Checkpoints and splits record it, so that an
+    output made with another image or patch is refused instead of silently reused."""
+    path = asset_path(args)
+    if path is None or not path.is_file():
+        return ""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 @lru_cache(maxsize=None)
