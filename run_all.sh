@@ -71,6 +71,15 @@ for attack in $ATTACKS; do
 done
 [ -n "$ST_EPOCHS" ] && ST_FLAGS="--epochs $ST_EPOCHS"
 
+# fingerprint of each attack's trigger file (utils/triggers.py), kept in the .done markers below
+declare -A ASSET
+eval "$($PY -c 'import sys, types
+from utils.args import PAPER_ATTACKS as P
+from utils.triggers import asset_fingerprint
+for k, (_, trigger, _) in P.items():
+    a = types.SimpleNamespace(trigger_type=trigger, dataset=sys.argv[1], blend_image=None, ssba_encoder=None)
+    print(f"ASSET[{k}]={asset_fingerprint(a)}")' "$DATASET")"
+
 scale() { $PY -c "import math,sys; print(max(1, math.ceil($1 * float(sys.argv[1]))))" "$SCALE"; }
 E_NOTRANS=$(scale $E_NOTRANS); E_FT=$(scale $E_FT); E_WITH=$(scale $E_WITH); E_CLEAN=$(scale $E_CLEAN); E_CLS=$(scale $E_CLS); E_DBR=$(scale $E_DBR)
 
@@ -88,7 +97,16 @@ mkdir -p "$RUN_DIR"
 step() {
   local name=$1 attack=$2; shift 2
   local dir=$RUN_DIR/$attack; mkdir -p "$dir"
-  if [ -f "$dir/$name.done" ]; then echo "  [skip] $attack $name (done)"; return 0; fi
+  if [ -f "$dir/$name.done" ]; then
+    # the .done marker holds the trigger file's fingerprint (empty: a marker from before it was recorded)
+    local made; made=$(cat "$dir/$name.done")
+    if [ -n "$made" ] && [ "$made" != "${ASSET[$attack]}" ]; then
+      echo "run_all.sh: step '$name' of attack '$attack' was made with another trigger file (fingerprint $made, now ${ASSET[$attack]:-none});" \
+           "move $dir and the attack's outputs under $SAVE_ROOT away, or use another --save_root" >&2
+      exit 2
+    fi
+    echo "  [skip] $attack $name (done)"; return 0
+  fi
   echo "  [run]  $attack $name"
   local t0; t0=$(date +%s.%N)
   if ! "$@" > "$dir/$name.log" 2>&1; then
@@ -98,7 +116,7 @@ step() {
   fi
   local secs; secs=$($PY -c "import sys; print(round($(date +%s.%N) - $t0, 1))")
   echo "$attack,$name,$secs" >> "$RUN_DIR/times.csv"
-  touch "$dir/$name.done"
+  printf '%s' "${ASSET[$attack]}" > "$dir/$name.done"
 }
 
 for attack in $ATTACKS; do

@@ -72,6 +72,12 @@ def test_run_all_quick_completes_and_resumes(tmp_path):
     assert second.returncode == 0
     assert second.stdout.count("[skip]") == 11 and "[run]" not in second.stdout
     assert len((tmp_path / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines()) == 11
+    # a step made with another trigger file (its fingerprint is in the .done marker) is not reused
+    marker = tmp_path / "saved" / "run_all" / "synthetic_quick" / "badnets" / "withTrans.done"
+    assert marker.read_text() == ""  # gridTrigger is drawn in code: no file to fingerprint
+    marker.write_text("0123456789ab")
+    third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert third.returncode == 2 and "another trigger file" in third.stderr and "[run]" not in third.stdout
 
 
 def test_run_all_rejects_unknown_attack(tmp_path):
