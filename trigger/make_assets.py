@@ -4,7 +4,7 @@
   stripes; the columns alternate in blocks of 4 between dark values (drawn in 0..20) and bright
   values (drawn in 235..255), every pixel drawn on its own from ``--seed``.
 * ``hello_kitty.png`` (Blend-Kitty, kittyTrigger): an RGB cartoon cat face (head, ears, eyes, nose,
-  whiskers and a bow on a pink background), drawn here with matplotlib patches; original work.
+  whiskers and a bow on a navy and yellow checkerboard), drawn here with matplotlib patches; original work.
 
     python trigger/make_assets.py                 # writes both files into trigger/
 """
@@ -37,12 +37,18 @@ def make_stripe(size=32, seed=0, block=STRIPE_BLOCK):
 
 
 def make_kitty(size=128):
-    """(size, size, 3) uint8 cartoon cat face, drawn on a 100 x 100 canvas and rasterised by Agg."""
+    """(size, size, 3) uint8 cartoon cat face on a checkered background, drawn on a 100 x 100 canvas
+    and rasterised by Agg.
+
+    The background is an 8 x 8 checkerboard of navy and yellow squares (4 pixels a square at 32 x 32).
+    A first version on a flat pink background was a weak trigger at the CPU scale (Blend-Kitty ASR
+    85-92% after 40 epochs, against the paper's ~99%); BENCHMARKS.md (session 6) compares the designs.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Circle, Ellipse, Polygon
+    from matplotlib.patches import Circle, Ellipse, Polygon, Rectangle
 
-    black, white, pink, red, yellow = "#1a1a1a", "#ffffff", "#f9c5d8", "#e0115f", "#f5c400"
+    black, white, navy, red, yellow = "#1a1a1a", "#ffffff", "#2b2d6e", "#e0115f", "#f5c400"
     fig = Figure(figsize=(1, 1), dpi=size)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0, 0, 1, 1))
@@ -50,19 +56,24 @@ def make_kitty(size=128):
     ax.set_ylim(0, 100)
     ax.set_aspect("equal")
     ax.axis("off")
-    ax.add_patch(Polygon([(0, 0), (100, 0), (100, 100), (0, 100)], color=pink))    # background
-    line = dict(edgecolor=black, linewidth=size / 45)
+    ax.add_patch(Rectangle((0, 0), 100, 100, color=navy))                            # background
+    for i in range(8):
+        for j in range(8):
+            if (i + j) % 2:
+                ax.add_patch(Rectangle((i * 12.5, j * 12.5), 12.5, 12.5, color=yellow))
+    width = size / 30                                                                 # outline width
+    line = dict(edgecolor=black, linewidth=width)
     for ear in ([(14, 58), (20, 92), (42, 74)], [(86, 58), (80, 92), (58, 74)]):    # ears, behind the head
         ax.add_patch(Polygon(ear, facecolor=white, **line))
     ax.add_patch(Ellipse((50, 48), 84, 64, facecolor=white, **line))                  # head
     for x in (33, 67):                                                                # eyes
-        ax.add_patch(Ellipse((x, 50), 7, 11, color=black))
-        ax.add_patch(Circle((x + 1.2, 52.5), 1.3, color=white))                       # eye glint
+        ax.add_patch(Ellipse((x, 50), 9, 13, color=black))
+        ax.add_patch(Circle((x + 1.2, 52.5), 1.6, color=white))                       # eye glint
     ax.add_patch(Ellipse((50, 40), 8, 5.5, facecolor=yellow, **line))                 # nose
     for side in (-1, 1):                                                              # whiskers, 3 a side
         for dy in (-5, 0, 5):
             ax.plot([50 + side * 28, 50 + side * 47], [41 + dy * 0.4, 41 + dy * 1.3],
-                    color=black, linewidth=size / 40, solid_capstyle="round")
+                    color=black, linewidth=width * 45 / 40, solid_capstyle="round")
     knot = (73, 77)                                                                   # bow, at the right ear
     ax.add_patch(Polygon([knot, (61, 85), (61, 69)], facecolor=red, **line))          # bow: left loop
     ax.add_patch(Polygon([knot, (85, 85), (85, 69)], facecolor=red, **line))          # bow: right loop
