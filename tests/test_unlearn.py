@@ -176,14 +176,14 @@ def test_stamp_and_balance_flags_reach_the_relearning_pass(victim, tmp_path, mon
         return real(model, data, *a, **k)
 
     monkeypatch.setattr(module, "train_epoch", spy)
-    out = tmp_path / "dbr.tar"
+    out = tmp_path / "new_folder" / "dbr.tar"  # outputs into a folder that does not exist yet
     argv = ("--poison_rate", 0.2, "--epochs", 1, "--checkpoint_save", out, "--log", tmp_path / "dbr.csv")
     module.main(parse_script_args("unlearn_relearn", victim, *argv, "--relearn_stamp", 0.5, "--balance_classes",
                                   "--stamp_source", "dominant_label"))
     unlearn, relearn = calls
     assert unlearn["ascent"] and "criterion" not in unlearn
     assert relearn["augment"] is not unlearn["augment"] and relearn["criterion"] is not None
-    assert (tmp_path / "dbr_trigger_estimate.png").stat().st_size > 1000
+    assert (tmp_path / "new_folder" / "dbr_trigger_estimate.png").stat().st_size > 1000
     with pytest.raises(UserError, match="relearn_stamp"):
         module.main(parse_script_args("unlearn_relearn", victim, *argv, "--relearn_stamp", 1.5, "--overwrite"))
 

@@ -1,4 +1,6 @@
 """Figures shared by visualize_consistency.py and the results report."""
+from pathlib import Path
+
 import numpy as np
 
 ATTACK_NAMES = {"gridTrigger": "BadNets", "squareTrigger": "BadNets (square)", "trojanTrigger": "Trojan",
@@ -49,5 +51,6 @@ def save_trigger_estimate(path, trigger, examples, stamped):
         ax.axis("off")
     fig.suptitle(f"trigger estimated from the split (mean |shift| {shift.abs().mean():.3f})", fontsize=9)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # beside --checkpoint_save, which may be a new folder
     fig.savefig(path, dpi=120)
     plt.close(fig)
