@@ -50,12 +50,29 @@ def choose_sets(args, values, prefix):
     return sets, "rank"
 
 
+# settings that change the split but not its folder name: a split made with others is not replaced silently
+SPLIT_KEYS = ("trans1", "trans2", "fct_draws", "gamma_low", "gamma_high", "checkpoint_load", "trigger_asset")
+
+
+def check_earlier_split(folder, args):
+    """UserError when ``folder`` holds a split made with other SPLIT_KEYS, unless --overwrite."""
+    meta_path = Path(folder) / "split_meta.json"
+    if args.overwrite or not meta_path.exists():
+        return
+    old, new = json.loads(meta_path.read_text()), describe_args(args)
+    for key in SPLIT_KEYS:
+        if key in old and old[key] != new.get(key):
+            raise UserError(f"{folder} holds a split made with --{key} {old[key]} (this run: {new.get(key)}); "
+                            "pass --overwrite to replace it, or keep it by using another --save_root")
+
+
 def main(args):
     validate_args(args)
     if args.batch_size == 1:
         print(f"note: --batch_size 1 is accepted for the original's command line and ignored; "
               f"Delta is computed in batches of {FCT_BATCH}")
         args.batch_size = FCT_BATCH
+    check_earlier_split(split_dir(args), args)  # before any work
     rt = make_runtime(args, resolve_device(args))
     print_header("separate_samples.py", args)
     values, train_set, ckpt, seconds = compute_fct(args, rt, args.batch_size)

@@ -1,6 +1,7 @@
 """SD module (SPEC 3): intra-class loss, per-sample tau, FCT metric, thresholds, split and report."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -173,6 +174,21 @@ def test_split_files_partition_the_training_set(sd_run):
     assert values[clean_idx].max() <= np.sort(values)[400] + 1e-12   # the split agrees with gamma_c
     assert gamma["gamma_low"] == pytest.approx(np.sort(values)[400])
     assert split["poison"]["images"].dtype == torch.uint8 and split["poison"]["images"].shape[1:] == (3, 32, 32)
+
+
+def test_split_made_with_another_tau_is_not_replaced_silently(sd_run, tmp_path):
+    root, args, _, _, _ = sd_run
+    copy = tmp_path / "saved"
+    shutil.copytree(root, copy)
+    script = load_script("separate_samples")
+    folder = split_dir(parse_script_args("separate_samples", copy, "--poison_rate", 0.2))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(UserError, match="--trans1 rotate"):
+        script.main(parse_script_args("separate_samples", copy, "--poison_rate", 0.2, "--trans1", "flip"))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    script.main(parse_script_args("separate_samples", copy, "--poison_rate", 0.2))   # same settings: a rerun
+    script.main(parse_script_args("separate_samples", copy, "--poison_rate", 0.2, "--trans1", "flip", "--overwrite"))
+    assert json.loads((folder / "split_meta.json").read_text())["trans1"] == "flip"
 
 
 def test_tau_study_reproduces_the_split_of_the_chain_and_writes_nothing(sd_run):
