@@ -27,6 +27,9 @@ CORNER_PATCHES = {  # fourCornerTrigger: (row slice, col slice) -> patch, for an
     "top_right": [[255, 0, 255], [0, 255, 0], [0, 0, 255]],
 }
 BLEND_ALPHA = 0.2
+# the committed file each trigger reads from trigger/ (SSBA's encoder: utils.ssba.default_encoder_path)
+ASSET_FILES = {"trojanTrigger": "trojan_patch.npy", "signalTrigger": "signal_stripe.npy",
+               "kittyTrigger": "hello_kitty.png"}
 
 
 @dataclass
@@ -79,11 +82,11 @@ def asset_path(args):
     """The file a trigger reads (blend image, stripe, Trojan patch, SSBA encoder), or None when the
     trigger is drawn in code."""
     trigger = args.trigger_type
-    if trigger == "kittyTrigger":
-        return Path(getattr(args, "blend_image", None) or ASSETS / "hello_kitty.png")
+    if trigger == "kittyTrigger" and getattr(args, "blend_image", None):
+        return Path(args.blend_image)
     if trigger == "SSBA":
         return Path(getattr(args, "ssba_encoder", None) or default_encoder_path(args.dataset))
-    return {"trojanTrigger": ASSETS / "trojan_patch.npy", "signalTrigger": ASSETS / "signal_stripe.npy"}.get(trigger)
+    return ASSETS / ASSET_FILES[trigger] if trigger in ASSET_FILES else None
 
 
 def asset_fingerprint(args):
@@ -126,14 +129,14 @@ def _image_asset(path, size):
 
 def trojan_trigger(images, split, ctx):
     h, w = images.shape[-2:]
-    patch = _asset("trojan_patch.npy").to(torch.int16)  # (3, 3, 3) additive values
+    patch = _asset(ASSET_FILES["trojanTrigger"]).to(torch.int16)  # (3, 3, 3) additive values
     delta = torch.zeros(3, h, w, dtype=torch.int16)
     delta[:, h - 7:h - 4, w - 7:w - 4] = patch          # rows/cols 25-27 on 32 x 32
     return _add(images, delta)
 
 
 def signal_trigger(images, split, ctx):
-    stripe = _asset("signal_stripe.npy")                 # (32, 32) uint8 vertical stripes
+    stripe = _asset(ASSET_FILES["signalTrigger"])        # (32, 32) uint8 vertical stripes
     h, w = images.shape[-2:]
     if stripe.shape != (h, w):
         stripe = F.interpolate(stripe[None, None].float(), size=(h, w), mode="nearest")[0, 0]
@@ -141,7 +144,7 @@ def signal_trigger(images, split, ctx):
 
 
 def kitty_trigger(images, split, ctx):
-    path = ctx.blend_image or str(ASSETS / "hello_kitty.png")
+    path = ctx.blend_image or str(ASSETS / ASSET_FILES["kittyTrigger"])
     return _blend(images, _image_asset(path, images.shape[-1]))
 
 
