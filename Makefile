@@ -4,8 +4,8 @@ DEMO_ARGS ?=
 
 .venv/installed: requirements.txt pyproject.toml
 	python3 -m venv .venv
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pip install -q --no-cache-dir -r requirements.txt
+	$(PY) -m pip install -q --no-cache-dir --no-build-isolation --no-deps -e .
 	touch $@
 
 install: .venv/installed
