@@ -258,3 +258,12 @@ def test_extractor_checkpoint_of_another_width_is_refused(trained, tmp_path):
         ["--dataset", "synthetic", "--width", "8", "--save_root", str(tmp_path)])
     with pytest.raises(UserError):
         load_extractor(path, validate_args(other))
+
+
+def test_negative_lambda_is_refused(tmp_path):
+    cls = _script("train_classifier")
+    args = cls.build_parser().parse_args(["--dataset", "synthetic", "--lambda_p", "-0.001"])
+    with pytest.raises(UserError, match="lambda_p"):
+        prepare_args(args)
+    args = cls.build_parser().parse_args(["--dataset", "synthetic", "--lambda_p", "0"])
+    assert prepare_args(args).lambda_p == 0  # 0 is allowed: the plain-CE ablation

@@ -238,6 +238,9 @@ def prepare_args(args):
     root = Path(args.save_root)
     if not root.is_absolute() and Path.cwd().resolve() == (REPO_ROOT / "ST").resolve():
         args.save_root = str((REPO_ROOT / root).resolve())
+    if getattr(args, "lambda_p", 0) < 0:
+        raise UserError(f"--lambda_p must be >= 0, got {args.lambda_p}: it weighs the -CE(D_p) term, so a "
+                        "negative value would train the linear layer on the detected poisoned labels")
     if args.dataset == "imagenet":
         raise UserError("D-ST is defined for the 32x32 datasets (cifar10, cifar100); the paper runs only "
                         "D-BR on the ImageNet subset")
