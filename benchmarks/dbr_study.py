@@ -10,10 +10,13 @@ run) as CSV and markdown. Example (CPU scale, BadNets):
 import argparse
 import itertools
 import shlex
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the step scripts live at the repository root
 
 import unlearn_relearn
 from utils.tables import to_markdown

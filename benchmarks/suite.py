@@ -11,8 +11,11 @@ and the saved/ tree of logs and reports.
 import argparse
 import importlib
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the step scripts live at the repository root
 
 from utils.args import PAPER_ATTACKS
 
