@@ -17,3 +17,10 @@ def test_every_benchmark_script_runs_as_a_file_from_another_folder(tmp_path):
     assert len(SCRIPTS) >= 5
     for script, proc in zip(SCRIPTS, procs):
         assert proc.returncode == 0 and "usage" in proc.stdout, f"{script.name}: {proc.stderr[-500:]}"
+
+
+def test_markdown_table_keeps_small_values_readable():
+    import pandas as pd
+    from utils.tables import to_markdown
+    table = to_markdown(pd.DataFrame({"lr": [1e-3, 0.5, 0.0], "ACC": [61.256, float("nan"), 3.0]}))
+    assert table.splitlines()[2:] == ["| 0.001 | 61.26 |", "| 0.50 |  |", "| 0.00 | 3.00 |"]

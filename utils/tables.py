@@ -4,7 +4,10 @@
 def to_markdown(df, digits=2):
     def fmt(v):
         if isinstance(v, float):
-            return "" if v != v else f"{v:.{digits}f}"
+            if v != v:
+                return ""
+            # a small non-zero value (a learning rate such as 1e-3) keeps its significant digits
+            return f"{v:.{digits}g}" if 0 < abs(v) < 10 ** -digits else f"{v:.{digits}f}"
         return str(v)
     head = "| " + " | ".join(map(str, df.columns)) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
