@@ -37,13 +37,9 @@ def attack_tag(args):
 def _asset_suffix(args):
     """``_img-<stem>`` / ``_enc-<stem>`` when the run uses its own blend image (kittyTrigger) or
     SSBA encoder instead of the committed one, so that two trigger images never share a folder."""
-    image = getattr(args, "blend_image", None)
-    if image and args.trigger_type == "kittyTrigger":
-        return f"_img-{Path(image).stem}"
-    encoder = getattr(args, "ssba_encoder", None)
-    if encoder and args.trigger_type == "SSBA":
-        return f"_enc-{Path(encoder).stem}"
-    return ""
+    from utils.triggers import own_asset
+    own = own_asset(args)
+    return f"_{own[0]}-{own[1].stem}" if own else ""
 
 
 def _rate(x):

@@ -30,6 +30,8 @@ BLEND_ALPHA = 0.2
 # the committed file each trigger reads from trigger/ (SSBA's encoder: utils.ssba.default_encoder_path)
 ASSET_FILES = {"trojanTrigger": "trojan_patch.npy", "signalTrigger": "signal_stripe.npy",
                "kittyTrigger": "hello_kitty.png"}
+# the flag that replaces a trigger's committed file with the user's own, and its folder-name tag
+OWN_ASSET_FLAGS = {"kittyTrigger": ("blend_image", "img"), "SSBA": ("ssba_encoder", "enc")}
 
 
 @dataclass
@@ -78,15 +80,23 @@ def square_trigger_imagenet(images, split, ctx):
     return out
 
 
+def own_asset(args):
+    """(tag, path) of the user's own file for args' trigger (--blend_image for kittyTrigger,
+    --ssba_encoder for SSBA), or None when the trigger uses its committed file."""
+    flag, tag = OWN_ASSET_FLAGS.get(args.trigger_type, (None, None))
+    value = getattr(args, flag, None) if flag else None
+    return (tag, Path(value)) if value else None
+
+
 def asset_path(args):
     """The file a trigger reads (blend image, stripe, Trojan patch, SSBA encoder), or None when the
     trigger is drawn in code."""
-    trigger = args.trigger_type
-    if trigger == "kittyTrigger" and getattr(args, "blend_image", None):
-        return Path(args.blend_image)
-    if trigger == "SSBA":
-        return Path(getattr(args, "ssba_encoder", None) or default_encoder_path(args.dataset))
-    return ASSETS / ASSET_FILES[trigger] if trigger in ASSET_FILES else None
+    own = own_asset(args)
+    if own:
+        return own[1]
+    if args.trigger_type == "SSBA":
+        return default_encoder_path(args.dataset)
+    return ASSETS / ASSET_FILES[args.trigger_type] if args.trigger_type in ASSET_FILES else None
 
 
 def asset_fingerprint(args):
