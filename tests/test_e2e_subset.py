@@ -1,34 +1,44 @@
 """End to end on the real CIFAR-10 subset (opt-in: DBD_SUBSET=path/to/cifar10_subset.npz).
 
-train_attack_withTrans.py with the paper's recipe (lr 0.01, batch 128, crop + flip, 10 % BadNets
-all2one) at width 16. With augmentation the grid trigger is fully visible in only (5/9)^2 = 31 % of
-the augmented poisoned images, and the backdoor appears late: measured (1 thread, 5,170 images)
-ASR 7-22 % (= ASR0, no backdoor yet) up to epoch 8, then 77, 79, 97.3 % at epochs 9-11, ACC 47 %;
-6-8 epoch runs (also with lr 0.02-0.1, batch 32-128, 20-30 % poisoning) never learned it. Hence
-12 epochs: about 6 s each on one quiet core, 75 s in all.
+train_attack_noTrans.py, the SD module's first step, with the paper's recipe (lr 0.01, batch 128,
+cosine schedule, 10 % BadNets all2one, no augmentation) at width 16 on the 5,170 real images.
+Without augmentation every poisoned image shows the whole grid trigger, so the backdoor is learned
+early and stays: measured on a 2-core AMD EPYC (AVX512-BF16), 1 thread, with --amp off and with
+--amp auto (bf16 evaluation there), both giving the same curve to 0.3 points:
+  epoch     0     1     2      3     4     5
+  ACC      26.1  33.8  39.7   48.1  43.8  43.2
+  ASR      51.1  51.4  100.0  98.7  99.7  99.8
+  ASR0     48.7  34.9  2.2    2.9   9.8   4.1
+The backdoor appears at epoch 2, three epochs before the last one checked. The margins at the last
+epoch: ASR 99.8 against the bound 80, ASR - ASR0 95.7 against 60, ACC 43.2 against 30 (chance 10),
+ASR0 4.1 against 25. About 6 s per epoch on one core, 35 s per run.
 """
 import pandas as pd
 import pytest
 
 from conftest import load_script
+from utils.checkpoint import read_checkpoint
 from utils.paths import backdoor_dir
 
 pytestmark = pytest.mark.subset
-EPOCHS = 12
+EPOCHS = 6
 
 
-def test_withtrans_learns_badnets_on_the_subset(subset_path, tmp_path):
-    script = load_script("train_attack_withTrans")
+@pytest.mark.parametrize("amp", ["off", "auto"])
+def test_notrans_learns_badnets_on_the_subset(subset_path, tmp_path, amp):
+    script = load_script("train_attack_noTrans")
     args = script.build_parser().parse_args(
         ["--data_file", str(subset_path), "--width", "16", "--device", "cpu", "--epochs", str(EPOCHS),
-         "--save_root", str(tmp_path / "saved")])
+         "--amp", amp, "--save_root", str(tmp_path / "saved")])
     script.main(args)
-    run_dir = backdoor_dir(args, "withTrans")
+    run_dir = backdoor_dir(args, "noTrans")
     log = pd.read_csv(run_dir / "log.csv")
     assert log["Epoch"].tolist() == list(range(EPOCHS))
-    assert (run_dir / f"{EPOCHS - 1}.tar").exists() and (run_dir / "poison_indices.npy").exists()
+    assert read_checkpoint(run_dir / f"{EPOCHS - 1}.tar")["epoch"] == EPOCHS - 1
+    assert (run_dir / "poison_indices.npy").exists()
     last = log.iloc[-1]
-    assert last["Test_ACC"] > 35, log.to_string()           # chance is 10 %; measured 47
-    assert last["Test_ASR"] > 80, log.to_string()           # measured 97
-    assert last["Test_ASR0"] < 30, log.to_string()          # measured 11: the trigger, not a bias to class 0
-    assert last["Train_ASR"] > 30                           # augmented poisoned images; measured 50
+    assert last["Test_ACC"] > 30, log.to_string()                       # chance is 10 %; measured 43
+    assert last["Test_ASR"] > 80, log.to_string()                       # measured 99.8
+    assert last["Test_ASR"] - last["Test_ASR0"] > 60, log.to_string()   # the trigger, not a bias to class 0
+    assert last["Test_ASR0"] < 25, log.to_string()                      # measured 4.1
+    assert last["Train_ASR"] > 80, log.to_string()                      # memorised poisoned images
