@@ -2,17 +2,13 @@
 
 With the Delta values sorted ascending: gamma_c = value at index floor(alpha_c N), gamma_p =
 value at index N - floor(alpha_p N). Prints them and writes <ckpt>_gamma.json, which
-separate_samples.py reads when --gamma_low/--gamma_high are not given.
+separate_samples.py reads when --gamma_low/--gamma_high are not given. A JSON made with other
+ratios is replaced only with --overwrite.
 """
-import json
-from pathlib import Path
-
-import numpy as np
-
-from utils.args import build_parser as shared_parser
-from utils.errors import UserError, run_main
-from utils.fct import fct_checkpoint, thresholds
-from utils.paths import fct_prefix
+from utils.args import build_parser as shared_parser, validate_args
+from utils.errors import run_main
+from utils.fct import fct_checkpoint, fct_outputs, thresholds
+from utils.files import read_txt_values, refuse_other_settings, save_json
 
 
 def build_parser():
@@ -20,18 +16,17 @@ def build_parser():
 
 
 def main(args):
-    prefix = fct_prefix(fct_checkpoint(args))
-    path = Path(f"{prefix}_all.txt")
-    if not path.exists():
-        raise UserError(f"{path} not found; run calculate_consistency.py with this --checkpoint_load first")
-    values = np.loadtxt(path, ndmin=1)
+    validate_args(args)
+    out = fct_outputs(fct_checkpoint(args))
+    ratios = {"clean_ratio": args.clean_ratio, "poison_ratio": args.poison_ratio}
+    refuse_other_settings(out["gamma"], ratios, args.overwrite, f"the thresholds {out['gamma']}")
+    values = read_txt_values(out["all"], "the Delta file (run calculate_consistency.py with this --checkpoint_load first)")
     gamma_c, gamma_p = thresholds(values, args.clean_ratio, args.poison_ratio)
-    result = {"gamma_low": gamma_c, "gamma_high": gamma_p, "clean_ratio": args.clean_ratio,
-              "poison_ratio": args.poison_ratio, "n": int(len(values)), "fct_file": str(path)}
-    Path(f"{prefix}_gamma.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {"gamma_low": gamma_c, "gamma_high": gamma_p, **ratios, "n": int(len(values)), "fct_file": out["all"]}
+    save_json(out["gamma"], result)
     print(f"gamma_c (gamma_low) = {gamma_c}")
     print(f"gamma_p (gamma_high) = {gamma_p}")
-    print(f"wrote {prefix}_gamma.json")
+    print(f"wrote {out['gamma']}")
     return result
 
 

@@ -91,13 +91,18 @@ def make_synthetic(n_train=2000, n_test=500, num_classes=10, size=32):
 def _check_arrays(x, y, name, info, source):
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise UserError(f"{source}: {name} must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+    if len(x) == 0:
+        raise UserError(f"{source}: {name} holds no images")
     if x.shape[1:3] != (info.image_size, info.image_size):
         raise UserError(f"{source}: images are {x.shape[1]}x{x.shape[2]}, but --dataset expects "
                         f"{info.image_size}x{info.image_size}")
+    y_name = "y" + name[1:]
+    if not (np.issubdtype(y.dtype, np.integer) and y.dtype != np.uint64):
+        raise UserError(f"{source}: {y_name} must hold integer class labels, got {y.dtype}")
     if y.ndim != 1 or len(y) != len(x):
-        raise UserError(f"{source}: labels of {name} do not match its images")
-    if len(y) and (y.min() < 0 or y.max() >= info.num_classes):
-        raise UserError(f"{source}: labels outside 0..{info.num_classes - 1}; is --dataset right?")
+        raise UserError(f"{source}: {y_name} does not match {name} ({y.shape} labels for {len(x)} images)")
+    if y.min() < 0 or y.max() >= info.num_classes:
+        raise UserError(f"{source}: {y_name} has labels outside 0..{info.num_classes - 1}; is --dataset right?")
 
 
 def load_npz(path, info):
@@ -111,7 +116,11 @@ def load_npz(path, info):
     missing = {"x_train", "y_train", "x_test", "y_test"} - set(data.files)
     if missing:
         raise UserError(f"--data_file {path} lacks the arrays {', '.join(sorted(missing))}")
-    arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    try:
+        arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except Exception as err:  # noqa: BLE001 - object (pickled) arrays are refused, truncated members too
+        raise UserError(f"--data_file {path}: cannot read its arrays ({err.__class__.__name__}); it must hold "
+                        "plain uint8 images and integer labels") from None
     for split in ("train", "test"):
         _check_arrays(arrays[f"x_{split}"], arrays[f"y_{split}"], f"x_{split}", info, path)
     to_t = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731

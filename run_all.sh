@@ -17,24 +17,33 @@ PY=${PYTHON:-python}
 
 QUICK=0; ATTACKS=""; DATASET=""; DATA_FILE=""; DEVICE=auto; SAVE_ROOT=./saved; SCALE=1; ST_EPOCHS=""; RESULTS_DIR=results
 SEED=""; SKIP_DST=0
+die() { echo "run_all.sh: $* (see --help)" >&2; exit 2; }
+# value FLAG ARGS...: the value after FLAG, refused when missing or when it is the next flag
+value() { [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || die "$1 needs a value"; printf '%s' "$2"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
-    --attacks) ATTACKS="$2"; shift ;;
-    --dataset) DATASET="$2"; shift ;;
-    --data_file) DATA_FILE="$2"; shift ;;
-    --device) DEVICE="$2"; shift ;;
-    --save_root) SAVE_ROOT="$2"; shift ;;
-    --epoch_scale) SCALE="$2"; shift ;;   # multiplies every epoch count (tests use a tiny value)
-    --st_epochs) ST_EPOCHS="$2"; shift ;; # D-ST extractor epochs (default: quick 30, full 200)
-    --results_dir) RESULTS_DIR="$2"; shift ;;
-    --seed) SEED="$2"; shift ;;           # poisoned set and training seed (default: the scripts' 1000)
+    --attacks) ATTACKS=$(value "$@") || exit 2; shift ;;
+    --dataset) DATASET=$(value "$@") || exit 2; shift ;;
+    --data_file) DATA_FILE=$(value "$@") || exit 2; shift ;;
+    --device) DEVICE=$(value "$@") || exit 2; shift ;;
+    --save_root) SAVE_ROOT=$(value "$@") || exit 2; shift ;;
+    --epoch_scale) SCALE=$(value "$@") || exit 2; shift ;;   # multiplies every epoch count (tests use a tiny value)
+    --st_epochs) ST_EPOCHS=$(value "$@") || exit 2; shift ;; # D-ST extractor epochs (default: quick 30, full 200)
+    --results_dir) RESULTS_DIR=$(value "$@") || exit 2; shift ;;
+    --seed) SEED=$(value "$@") || exit 2; shift ;;           # poisoned set and training seed (default: the scripts' 1000)
     --skip_dst) SKIP_DST=1 ;;
     -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) die "unknown option $1" ;;
   esac
   shift
 done
+[[ "$SCALE" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && [[ ! "$SCALE" =~ ^[0.]+([eE].*)?$ ]] \
+  || die "--epoch_scale must be a positive number, got '$SCALE'"
+[ -z "$ST_EPOCHS" ] || [[ "$ST_EPOCHS" =~ ^0*[1-9][0-9]*$ ]] || die "--st_epochs must be a positive integer, got '$ST_EPOCHS'"
+[ -z "$SEED" ] || [[ "$SEED" =~ ^[0-9]+$ ]] || die "--seed must be an integer >= 0, got '$SEED'"
+case "$DEVICE" in auto|cpu|cuda) ;; *) die "--device must be auto, cpu or cuda, got '$DEVICE'" ;; esac
+[ -z "$DATA_FILE" ] || [ -f "$DATA_FILE" ] || die "--data_file $DATA_FILE does not exist"
 
 # the attack table lives in one place, utils/args.py (PAPER_ATTACKS): read it, do not copy it
 declare -A TARGET TRIGGER
@@ -67,8 +76,10 @@ else
 fi
 [ "$ATTACKS" = all ] && ATTACKS=$ALL
 for attack in $ATTACKS; do
-  if [ -z "${TRIGGER[$attack]:-}" ]; then echo "run_all.sh: unknown attack '$attack' (choose from: $ALL)" >&2; exit 2; fi
+  [ -n "${TRIGGER[$attack]:-}" ] || die "unknown attack '$attack' (choose from: $ALL)"
 done
+$PY -c 'import sys; from utils.args import DATASETS; sys.exit(sys.argv[1] not in DATASETS)' "$DATASET" \
+  || die "unknown --dataset '$DATASET'"
 [ -n "$ST_EPOCHS" ] && ST_FLAGS="--epochs $ST_EPOCHS"
 
 # fingerprint of each attack's trigger file (utils/triggers.py), kept in the .done markers below
@@ -86,11 +97,16 @@ E_NOTRANS=$(scale $E_NOTRANS); E_FT=$(scale $E_FT); E_WITH=$(scale $E_WITH); E_C
 COMMON=(--dataset "$DATASET" --width "$WIDTH" --device "$DEVICE" --save_root "$SAVE_ROOT")
 [ -n "$DATA_FILE" ] && COMMON+=(--data_file "$(realpath "$DATA_FILE")")
 [ -n "$SEED" ] && COMMON+=(--seed "$SEED")
-# D-ST outputs: ST/save as in paper-readme for the default save root; beside the other outputs otherwise,
-# so that two runs with different --save_root never share (or overwrite) a D-ST folder
-ST_ROOT=(); [ "$(realpath -m "$SAVE_ROOT")" = "$(realpath -m ./saved)" ] || ST_ROOT=(--st_root "$(realpath -m "$SAVE_ROOT")/ST_save")
 TAG=$DATASET${DATA_FILE:+-$(basename "${DATA_FILE%.npz}")}${SEED:+-seed$SEED}
 RUN_DIR=$SAVE_ROOT/run_all/$TAG; [ "$QUICK" = 1 ] && RUN_DIR+=_quick
+mkdir -p "$SAVE_ROOT" 2>/dev/null && [ -w "$SAVE_ROOT" ] || die "--save_root $SAVE_ROOT cannot be created or written"
+# one run_all.sh per save root: the lock (flock) goes with the process that holds it, however it ends
+exec 9<>"$SAVE_ROOT/.run_all.lock"
+if ! flock -n 9; then
+  echo "run_all.sh: $SAVE_ROOT is in use by another run_all.sh (process $(head -c 64 "$SAVE_ROOT/.run_all.lock" | tr -d '\n')); wait for it or stop it" >&2
+  exit 2
+fi
+echo "$$" > "$SAVE_ROOT/.run_all.lock"
 mkdir -p "$RUN_DIR"
 
 # step NAME ATTACK COMMAND...: run unless done; log to $RUN_DIR/ATTACK/NAME.log; time into times.csv
@@ -115,7 +131,9 @@ step() {
     exit 1
   fi
   local secs; secs=$($PY -c "import sys; print(round($(date +%s.%N) - $t0, 1))")
-  echo "$attack,$name,$secs" >> "$RUN_DIR/times.csv"
+  # one row per step: a step rerun after a kill (time written, marker not yet) replaces its row
+  { grep -v "^$attack,$name," "$RUN_DIR/times.csv" 2>/dev/null || true; echo "$attack,$name,$secs"; } > "$RUN_DIR/times.csv.tmp"
+  mv "$RUN_DIR/times.csv.tmp" "$RUN_DIR/times.csv"
   printf '%s' "${ASSET[$attack]}" > "$dir/$name.done"
 }
 
@@ -134,11 +152,11 @@ for attack in $ATTACKS; do
   step sd5_split "$attack" $PY separate_samples.py "${A[@]}" "${SPLIT[@]}" $SD_FLAGS
   step dbr "$attack" $PY unlearn_relearn.py "${A[@]}" "${SPLIT[@]}" --epochs "$E_DBR" $DBR_FLAGS --overwrite
   [ "$SKIP_DST" = 1 ] && continue
-  step dst_extractor "$attack" $PY ST/train_extractor.py "${A[@]}" "${ST_ROOT[@]}" "${SPLIT[@]}" $ST_FLAGS --overwrite
-  step dst_classifier "$attack" $PY ST/train_classifier.py "${A[@]}" "${ST_ROOT[@]}" "${SPLIT[@]}" --epochs "$E_CLS" \
+  step dst_extractor "$attack" $PY ST/train_extractor.py "${A[@]}" "${SPLIT[@]}" $ST_FLAGS --overwrite
+  step dst_classifier "$attack" $PY ST/train_classifier.py "${A[@]}" "${SPLIT[@]}" --epochs "$E_CLS" \
       $CLS_FLAGS --overwrite
-  step dst_test "$attack" $PY ST/test.py "${A[@]}" "${ST_ROOT[@]}" "${SPLIT[@]}" $CLS_FLAGS
+  step dst_test "$attack" $PY ST/test.py "${A[@]}" "${SPLIT[@]}" $CLS_FLAGS
 done
 
-$PY report_results.py "${COMMON[@]}" "${ST_ROOT[@]}" "${SPLIT[@]}" --attacks $ATTACKS --times "$RUN_DIR/times.csv" --out_dir "$RESULTS_DIR" \
+$PY report_results.py "${COMMON[@]}" "${SPLIT[@]}" --attacks $ATTACKS --times "$RUN_DIR/times.csv" --out_dir "$RESULTS_DIR" \
     --name "$DATASET${SEED:+_seed$SEED}$([ "$QUICK" = 1 ] || echo _full)"

@@ -8,16 +8,16 @@ so the split agrees with the thresholds. Thresholds:
     seeded random order (Delta = 0 ties would otherwise put far more than alpha_c N into D_c).
 Writes the sets and split_report.json (quality against the ground truth) to the split folder.
 """
-import json
 from pathlib import Path
 
 import numpy as np
 
 from utils.args import build_parser as shared_parser, describe_args, resolve_device, validate_args
 from utils.errors import UserError, run_main
-from utils.fct import compute_fct, split_by_rank, split_by_threshold, split_report
+from utils.fct import compute_fct, fct_checkpoint, fct_outputs, split_by_rank, split_by_threshold, split_report
+from utils.files import lock_folder, read_json, read_npy, refuse_other_settings, unlock_folder
 from utils.logger import print_header
-from utils.paths import dataset_tag, fct_prefix, split_dir
+from utils.paths import dataset_tag, split_dir
 from utils.split import SET_NAMES, save_split
 from utils.train import make_runtime
 
@@ -28,26 +28,29 @@ def build_parser():
     return shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), batch_size=FCT_BATCH)
 
 
-def choose_sets(args, values, prefix):
+def choose_sets(args, values, gamma_file):
     """Index sets by the threshold rule (explicit gamma) or by rank (gamma from the ratios)."""
-    if args.gamma_low is not None or args.gamma_high is not None:
-        if args.gamma_low is None or args.gamma_high is None:
-            raise UserError("give both --gamma_low and --gamma_high, or neither")
+    if args.gamma_low is not None:  # the parser makes sure both are given, gamma_low < gamma_high
         print(f"threshold rule: gamma_low {args.gamma_low}, gamma_high {args.gamma_high}")
-        return split_by_threshold(values, args.gamma_low, args.gamma_high), "threshold"
-    gamma_file = Path(f"{prefix}_gamma.json")
-    saved = json.loads(gamma_file.read_text()) if gamma_file.exists() else None
-    if saved and (saved["clean_ratio"], saved["poison_ratio"]) == (args.clean_ratio, args.poison_ratio):
-        print(f"gamma from {gamma_file}: gamma_c {saved['gamma_low']:.6g}, gamma_p {saved['gamma_high']:.6g}"
-              " (applied as ranks of alpha_c, alpha_p)")
+        sets, rule = split_by_threshold(values, args.gamma_low, args.gamma_high), "threshold"
     else:
-        why = (f"{gamma_file.name} is for alpha_c {saved['clean_ratio']}, alpha_p {saved['poison_ratio']}"
-               if saved else f"no {gamma_file.name}")
-        print(f"{why}: selecting by the ranks of alpha_c {args.clean_ratio}, alpha_p {args.poison_ratio}")
-    sets, ties = split_by_rank(values, args.clean_ratio, args.poison_ratio, args.seed)
-    if ties:
-        print("warning: equal Delta values straddled a threshold; ties were broken by a seeded random order")
-    return sets, "rank"
+        saved = read_json(gamma_file, "the thresholds") if gamma_file.exists() else None
+        if saved and (saved.get("clean_ratio"), saved.get("poison_ratio")) == (args.clean_ratio, args.poison_ratio):
+            print(f"gamma from {gamma_file}: gamma_c {saved['gamma_low']:.6g}, gamma_p {saved['gamma_high']:.6g}"
+                  " (applied as ranks of alpha_c, alpha_p)")
+        else:
+            why = (f"{gamma_file.name} is for alpha_c {saved.get('clean_ratio')}, alpha_p {saved.get('poison_ratio')}"
+                   if saved else f"no {gamma_file.name}")
+            print(f"{why}: selecting by the ranks of alpha_c {args.clean_ratio}, alpha_p {args.poison_ratio}")
+        sets, ties = split_by_rank(values, args.clean_ratio, args.poison_ratio, args.seed)
+        if ties:
+            print("warning: equal Delta values straddled a threshold; ties were broken by a seeded random order")
+        rule = "rank"
+    for name, flag in (("clean", "--clean_ratio / --gamma_low"), ("poison", "--poison_ratio / --gamma_high")):
+        if len(sets[name]) == 0:
+            raise UserError(f"{SET_NAMES[name]} would be empty ({flag} selects none of the {len(values)} samples); "
+                            "D-BR and D-ST need both D_c and D_p")
+    return sets, rule
 
 
 # settings that change the split but not its folder name: a split made with others is not replaced silently
@@ -56,14 +59,9 @@ SPLIT_KEYS = ("trans1", "trans2", "fct_draws", "gamma_low", "gamma_high", "check
 
 def check_earlier_split(folder, args):
     """UserError when ``folder`` holds a split made with other SPLIT_KEYS, unless --overwrite."""
-    meta_path = Path(folder) / "split_meta.json"
-    if args.overwrite or not meta_path.exists():
-        return
-    old, new = json.loads(meta_path.read_text()), describe_args(args)
-    for key in SPLIT_KEYS:
-        if key in old and old[key] != new.get(key):
-            raise UserError(f"{folder} holds a split made with --{key} {old[key]} (this run: {new.get(key)}); "
-                            "pass --overwrite to replace it, or keep it by using another --save_root")
+    new = describe_args(args)
+    refuse_other_settings(folder / "split_meta.json", {k: new.get(k) for k in SPLIT_KEYS}, args.overwrite,
+                          f"the split in {folder}", guarded=[folder / "split_report.json"])
 
 
 def main(args):
@@ -72,16 +70,30 @@ def main(args):
         print(f"note: --batch_size 1 is accepted for the original's command line and ignored; "
               f"Delta is computed in batches of {FCT_BATCH}")
         args.batch_size = FCT_BATCH
-    check_earlier_split(split_dir(args), args)  # before any work
+    folder = split_dir(args)
+    check_earlier_split(folder, args)  # before any work
+    out = fct_outputs(fct_checkpoint(args))
+    earlier = read_npy(out["values"], "the Delta file") if Path(out["values"]).exists() else None
+    gamma_file = Path(out["gamma"])
+    if gamma_file.exists():
+        read_json(gamma_file, "the thresholds")  # a damaged file is named now, not after the work
+    lock_folder(folder)
+    try:
+        return _separate(args, folder, earlier, gamma_file)
+    finally:
+        unlock_folder(folder)
+
+
+def _separate(args, folder, earlier, gamma_file):
     rt = make_runtime(args, resolve_device(args))
     print_header("separate_samples.py", args)
     values, train_set, ckpt, seconds = compute_fct(args, rt, args.batch_size)
-    prefix = fct_prefix(ckpt)
-    saved = Path(f"{prefix}_fct.npy")
-    if saved.exists():
-        diff = float(np.abs(np.load(saved) - values).max())
-        print(f"Delta agrees with calculate_consistency.py's up to {diff:.2g}")
-    sets, rule = choose_sets(args, values, prefix)
+    if earlier is not None:
+        if earlier.shape != values.shape:
+            raise UserError(f"the Delta file beside {ckpt} holds {earlier.shape} values, this training set "
+                            f"{values.shape}; run calculate_consistency.py again (--overwrite)")
+        print(f"Delta agrees with calculate_consistency.py's up to {float(np.abs(earlier - values).max()):.2g}")
+    sets, rule = choose_sets(args, values, gamma_file)
     report = {**split_report(sets, ~train_set.is_clean.numpy(), values), "rule": rule, "fct_seconds": seconds,
               "checkpoint": str(ckpt),
               # D_c by training label: the rank split over-represents the target class (D-ST learns that as a prior)
@@ -89,7 +101,6 @@ def main(args):
                                                     minlength=args.num_classes).tolist()}
     meta = describe_args(args)
     meta["data_tag"] = dataset_tag(args)
-    folder = split_dir(args)
     save_split(folder, train_set, sets, report, meta)
     for name, key in (("clean", "clean"), ("poison", "poison"), ("suspicious", "uncertain")):
         print(f"{SET_NAMES[name]}: {len(sets[name]):5d} samples, {report[f'poison_in_{key}_set_pct']:.2f}% poisoned")

@@ -27,14 +27,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from utils.args import build_parser as shared_parser, resolve_device, validate_args
+from utils.args import (build_parser as shared_parser, holdout_share, positive_float, positive_int, resolve_device,
+                        unit_interval, validate_args)
 from utils.augment import train_augmentation
 from utils.checkpoint import ATTACK_KEYS, check_compatible, model_from_checkpoint, save_checkpoint
 from utils.errors import UserError, run_main
+from utils.files import lock_folder, unlock_folder
 from utils.logger import CSVLogger, print_header
 from utils.paths import backdoor_dir, latest_checkpoint, split_dir
 from utils.plots import save_trigger_estimate
-from utils.split import load_split
+from utils.split import SET_NAMES, load_split
 from utils.supcon import balanced_class_weights
 from utils.train import (cross_entropy, evaluate, format_metrics, generator, load_attack_data, make_optimizer,
                          make_runtime, place_train_data, predict, prepare_model, seed_everything, train_epoch)
@@ -49,19 +51,19 @@ SELECTED = "best held-out D_c accuracy - held-out D_p ASR (no test labels)"
 def build_parser():
     p = shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), epochs=20, lr=1e-4)
     g = p.add_argument_group("opt-in changes beyond the paper (off by default)")
-    g.add_argument("--ascent_bound", type=float, default=None,
+    g.add_argument("--ascent_bound", type=positive_float, default=None,
                    help="unlearn only while a D_p sample's cross-entropy is below this bound "
                         "(per-sample clamp; bounds the ascent so it cannot run away)")
-    g.add_argument("--relearn_passes", type=int, default=1, help="passes over D_c per epoch")
+    g.add_argument("--relearn_passes", type=positive_int, default=1, help="passes over D_c per epoch")
     g.add_argument("--lr_schedule", default="constant", choices=("constant", "cosine"),
                    help="cosine: anneal the lr to 0 over --epochs, so the last epochs settle")
-    g.add_argument("--select_holdout", type=float, default=0.0,
+    g.add_argument("--select_holdout", type=holdout_share, default=0.0,
                    help="hold out this share of D_p and of D_c (seeded) and also save the epoch with the best "
                         "held-out D_c accuracy - held-out D_p ASR (model selection without test labels)")
-    g.add_argument("--relearn_stamp", type=float, default=0.0,
+    g.add_argument("--relearn_stamp", type=unit_interval, default=0.0,
                    help="stamp the trigger estimated from D_p and D_c on this share of each relearning batch, "
                         "labels unchanged (see estimate_trigger)")
-    g.add_argument("--stamp_jitter", type=float, default=0.0,
+    g.add_argument("--stamp_jitter", type=unit_interval, default=0.0,
                    help="with --relearn_stamp: draw each stamp's strength from [1 - J, 1 + J] around the estimate")
     g.add_argument("--stamp_source", default="poison_set", choices=("poison_set", "dominant_label"),
                    help="with --relearn_stamp: estimate the trigger from all of D_p, or from its samples of "
@@ -166,15 +168,14 @@ def main(args):
     check_compatible(ckpt, args, ("dataset",) + ATTACK_KEYS, victim)
     args.width = ckpt["args"]["width"]  # the purified model keeps its own width
     split = load_split(split_dir(args), args)
+    for name in ("poison", "clean"):
+        if len(split[name]["labels"]) == 0:
+            raise UserError(f"the split in {split_dir(args)} has an empty {SET_NAMES[name]}: nothing to "
+                            f"{'unlearn' if name == 'poison' else 'relearn'}")
     best_path, last_path, log_path, selected_path = output_paths(args, victim)
-    if not 0 <= args.select_holdout < 1:
-        raise UserError(f"--select_holdout must be in [0, 1), got {args.select_holdout}")
-    if not 0 <= args.relearn_stamp <= 1:
-        raise UserError(f"--relearn_stamp must be in [0, 1], got {args.relearn_stamp}")
-    if not 0 <= args.stamp_jitter <= 1:
-        raise UserError(f"--stamp_jitter must be in [0, 1], got {args.stamp_jitter}")
     if not args.overwrite and any(p.exists() for p in (best_path, last_path, selected_path)):
         raise UserError(f"{best_path} already exists; pass --overwrite or another --checkpoint_save")
+    lock_folder(best_path.parent, f".{best_path.stem}.lock")  # one D-BR at a time on these outputs
     print_header("unlearn_relearn.py", args)
     seed_everything(args.seed)
     _, tests = load_attack_data(args, rt)
@@ -247,6 +248,7 @@ def main(args):
               f"{format_metrics(metrics)}")
         keep_improved(epoch, metrics)
     save_checkpoint(last_path, args, model, epoch=args.epochs - 1, selection="last epoch")
+    unlock_folder(best_path.parent, f".{best_path.stem}.lock")
     best, chosen = kept[TEST_RULE], kept.get(SELECTED)
     print(f"best ACC - ASR (chosen on the backdoor TEST set, as the paper did): epoch {best['epoch']}  "
           f"{format_metrics(best['metrics'])}  -> {best_path}")

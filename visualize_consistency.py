@@ -4,15 +4,12 @@ Reads <ckpt>_clean.txt and <ckpt>_poison.txt (from calculate_consistency.py) and
 the thresholds of <ckpt>_gamma.json; writes <ckpt>.jpg. Uses a logarithmic axis when the values
 span several decades.
 """
-import json
 from pathlib import Path
 
-import numpy as np
-
-from utils.args import build_parser as shared_parser
-from utils.errors import UserError, run_main
-from utils.fct import fct_checkpoint
-from utils.paths import fct_prefix
+from utils.args import build_parser as shared_parser, validate_args
+from utils.errors import run_main
+from utils.fct import fct_checkpoint, fct_outputs
+from utils.files import read_json, read_txt_values
 from utils.plots import ATTACK_NAMES, plot_fct
 
 
@@ -24,25 +21,21 @@ def main(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    prefix = fct_prefix(fct_checkpoint(args))
-    files = [Path(f"{prefix}_clean.txt"), Path(f"{prefix}_poison.txt")]
-    for f in files:
-        if not f.exists():
-            raise UserError(f"{f} not found; run calculate_consistency.py with this --checkpoint_load first")
-    clean, poison = (np.loadtxt(f, ndmin=1) for f in files)
-    gamma_file = Path(f"{prefix}_gamma.json")
+    validate_args(args)
+    out = fct_outputs(fct_checkpoint(args))
+    what = "the Delta file (run calculate_consistency.py with this --checkpoint_load first)"
+    clean, poison = read_txt_values(out["clean"], what), read_txt_values(out["poison"], what)
     gammas = None
-    if gamma_file.exists():
-        g = json.loads(gamma_file.read_text())
-        gammas = (g["gamma_low"], g["gamma_high"])
+    if Path(out["gamma"]).exists():
+        g = read_json(out["gamma"], "the thresholds")
+        gammas = (g.get("gamma_low"), g.get("gamma_high"))
     fig, ax = plt.subplots(figsize=(6, 4))
     plot_fct(ax, clean, poison, f"{ATTACK_NAMES.get(args.trigger_type, args.trigger_type)} "
              f"({args.target_type}, {args.poison_rate:g})", gammas)
     fig.tight_layout()
-    out = f"{prefix}.jpg"
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
-    return out
+    fig.savefig(out["plot"], dpi=120)
+    print(f"wrote {out['plot']}")
+    return out["plot"]
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from utils.args import build_parser as shared_parser
-from utils.args import resolve_device
+from utils.args import positive_float, resolve_device
 from utils.augment import supcon_view
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError, run_main
+from utils.files import unlock_folder
 from utils.logger import CSVLogger, print_header
 from utils.supcon import (CLASSIFIER_KIND, FrozenEncoderClassifier, add_classifier_recipe_flags, add_st_flags,
                           balanced_class_weights, classifier_dir, default_extractor, load_extractor, load_st_sets,
@@ -36,7 +37,7 @@ def build_parser():
                    help="the feature extractor (default: last.pth of the paper-recipe train_extractor.py run "
                         "with these data / model / attack flags and --temp)")
     add_classifier_recipe_flags(g)
-    g.add_argument("--learning_rate", dest="lr", type=float, default=argparse.SUPPRESS, help="alias of --lr")
+    g.add_argument("--learning_rate", dest="lr", type=positive_float, default=argparse.SUPPRESS, help="alias of --lr")
     return p
 
 
@@ -106,6 +107,7 @@ def main(args):
     save_checkpoint(run_dir / "last.pth", args, model.linear, epoch=args.epochs - 1, **meta)
     if weights_fingerprint(model.encoder) != encoder_fp:  # MoCo-style sanity check: the encoder stayed frozen
         raise RuntimeError("the frozen encoder changed during classifier training")
+    unlock_folder(run_dir)
     print(f"kept the LAST epoch's classifier (no model selection on the test set): {run_dir / 'last.pth'}")
     return model, metrics
 

@@ -14,14 +14,15 @@ import time
 import torch
 
 from utils.args import build_parser as shared_parser
-from utils.args import describe_args, resolve_device
+from utils.args import describe_args, nonneg_float, positive_float, rate, resolve_device
 from utils.checkpoint import ATTACK_KEYS, MODEL_KEYS, check_compatible, load_weights, save_checkpoint
 from utils.errors import UserError, run_main
+from utils.files import unlock_folder
 from utils.logger import CSVLogger, print_header
 from utils.supcon import (EXTRACTOR_DEFAULTS, EXTRACTOR_KIND, PROJECTION_DIM, ST_KEYS, SupConNet, add_st_flags,
                           build_encoder, extractor_dir, load_st_sets, prepare_args, run_epoch, semi_supcon_loss,
                           start_run, two_views, warmup_cosine_lr)
-from utils.train import generator, make_optimizer, make_runtime, prepare_model, seed_everything
+from utils.train import generator, make_optimizer, make_runtime, prepare_model, restore_rng, seed_everything
 
 LOG_COLUMNS = ["Epoch", "Train_Loss", "LR", "Seconds", "Epochs"]
 
@@ -31,12 +32,12 @@ def build_parser():
                       lr=EXTRACTOR_DEFAULTS["lr"], weight_decay=EXTRACTOR_DEFAULTS["weight_decay"],
                       batch_size=EXTRACTOR_DEFAULTS["batch_size"], save_freq=20)
     g = add_st_flags(p, "extractor")
-    g.add_argument("--temp", type=float, default=EXTRACTOR_DEFAULTS["temp"], help="temperature T of the loss")
-    g.add_argument("--warm_epochs", type=float, default=10,
+    g.add_argument("--temp", type=positive_float, default=EXTRACTOR_DEFAULTS["temp"], help="temperature T of the loss")
+    g.add_argument("--warm_epochs", type=nonneg_float, default=10,
                    help="linear lr warm-up (epochs) from --warmup_from; at most half of the run")
-    g.add_argument("--warmup_from", type=float, default=0.01)
-    g.add_argument("--min_lr_ratio", type=float, default=0.001, help="the cosine ends at lr x this")
-    g.add_argument("--time_budget", type=float, default=None, metavar="MINUTES",
+    g.add_argument("--warmup_from", type=positive_float, default=0.01)
+    g.add_argument("--min_lr_ratio", type=rate, default=0.001, help="the cosine ends at lr x this")
+    g.add_argument("--time_budget", type=positive_float, default=None, metavar="MINUTES",
                    help="set the epoch count (at most --epochs) from the measured pace of the first (warm-up) "
                         "epochs so that training fits in MINUTES and the cosine schedule still runs whole")
     g.add_argument("--budget_clock", default="wall", choices=("wall", "cpu"),
@@ -44,7 +45,7 @@ def build_parser():
                         "of the same work on an idle machine (for CPUs shared with other jobs; run with "
                         "OMP_WAIT_POLICY=PASSIVE so that waiting threads do not burn CPU time)")
     # paper-readme's spellings
-    g.add_argument("--learning_rate", dest="lr", type=float, default=argparse.SUPPRESS, help="alias of --lr")
+    g.add_argument("--learning_rate", dest="lr", type=positive_float, default=argparse.SUPPRESS, help="alias of --lr")
     g.add_argument("--cosine", action="store_true", help="accepted for paper-readme's command; always on")
     return p
 
@@ -71,8 +72,11 @@ def main(args):
     data, _, summary = load_st_sets(args, rt)           # D_c u D_p u D_u (or everything, --undefended)
     print(f"{summary}\nrun folder: {run_dir}\n{len(data.labels)} training images, device {rt.device}")
     model, optimizer, start = set_model(args, rt, resume, run_dir)
-    logger = CSVLogger(args.log or run_dir / "log.csv", LOG_COLUMNS, append=resume is not None)
-    g = generator(args.seed + 7919 * start)             # a resumed run continues with its own stream
+    logger = CSVLogger(args.log or run_dir / "log.csv", LOG_COLUMNS, append=resume is not None,
+                       resume_after=start - 1 if resume is not None else None)
+    g = generator(args.seed)
+    if resume is not None:                              # the batch order and views continue bit for bit
+        restore_rng(g, resume, run_dir / "last.pth")
     step = contrastive_step(model, data, rt, g, args.temp)
     budget = TimeBudget(args.time_budget, args.epochs, args.budget_clock) if args.time_budget else None
     t_start, epoch = time.time(), start
@@ -91,9 +95,10 @@ def main(args):
         logger.write({"Epoch": epoch, "Train_Loss": r["loss"], "LR": r["lr"], "Seconds": seconds,
                       "Epochs": args.epochs})
         print(f"epoch {epoch:3d}/{args.epochs}  loss {r['loss']:.4f}  lr {r['lr']:.4f}  ({seconds:.1f} s)")
-        save(args, run_dir, model, optimizer, epoch)
+        save(args, run_dir, model, optimizer, epoch, g)
         epoch += 1
     minutes = (time.time() - t_start) / 60
+    unlock_folder(run_dir)
     print(f"done: {args.epochs - start} epochs in {minutes:.1f} min ({60 * minutes / max(args.epochs - start, 1):.1f} "
           f"s/epoch); extractor {run_dir / 'last.pth'}")
     return model
@@ -114,10 +119,11 @@ def set_model(args, rt, resume, run_dir):
     return model, optimizer, resume["epoch"] + 1
 
 
-def save(args, run_dir, model, optimizer, epoch):
-    """last.pth every epoch (with the optimiser, for --resume); ckpt_epoch_<N>.pth every --save_freq."""
+def save(args, run_dir, model, optimizer, epoch, g):
+    """last.pth every epoch (with the optimiser and random state, for --resume); ckpt_epoch_<N>.pth
+    every --save_freq."""
     meta = {"kind": EXTRACTOR_KIND, "projection_dim": PROJECTION_DIM}
-    save_checkpoint(run_dir / "last.pth", args, model, optimizer, epoch=epoch, **meta)
+    save_checkpoint(run_dir / "last.pth", args, model, optimizer, epoch=epoch, rng_state=g.get_state(), **meta)
     if (epoch + 1) % max(args.save_freq, 1) == 0:
         save_checkpoint(run_dir / f"ckpt_epoch_{epoch + 1}.pth", args, model, epoch=epoch, **meta)
 

@@ -14,11 +14,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_FLAGS = ("--dataset", "synthetic", "--width", "8", "--device", "cpu")
 
 
+# torch threads of the tests and of the scripts they start (DBD_TEST_THREADS, default 1). The test
+# machines have 2 cores shared with other jobs: two torch threads fighting a busy neighbour were
+# measured 10x slower than one thread. The suite passes with 1 and with 2 (see README.md).
+THREADS = int(os.environ.get("DBD_TEST_THREADS", "1"))
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TQDM_DISABLE": "1"}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "subset: needs the real CIFAR-10 subset (set DBD_SUBSET=path/to/npz)")
-    # The test machines have 2 cores shared with other jobs: two torch threads fighting a busy
-    # neighbour were measured 10x slower than one thread. One thread also keeps runs reproducible.
-    torch.set_num_threads(int(os.environ.get("DBD_TEST_THREADS", "1")))
+    torch.set_num_threads(THREADS)
 
 
 _SCRIPTS = {}
@@ -44,6 +49,14 @@ def parse_script_args(script, save_root, *extra):
     """``script``'s parsed arguments for a tiny CPU run on synthetic data, plus ``extra`` flags."""
     return load_script(script).build_parser().parse_args(
         [*TINY_FLAGS, "--save_root", str(save_root), *map(str, extra)])
+
+
+def assert_flag_refused(capsys, script, save_root, *flags, match):
+    """The command line is refused while parsing: exit status 2 and one 'error:' line naming ``match``."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_script_args(script, save_root, *flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
 
 
 @pytest.fixture

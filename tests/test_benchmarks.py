@@ -1,16 +1,15 @@
 """The benchmark scripts start as the docstrings show them, from any folder."""
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SUBPROCESS_ENV
 
 SCRIPTS = sorted((REPO_ROOT / "benchmarks").glob("*.py"))
 
 
 def test_every_benchmark_script_runs_as_a_file_from_another_folder(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = SUBPROCESS_ENV
     with ThreadPoolExecutor(max_workers=4) as pool:
         procs = list(pool.map(lambda s: subprocess.run([sys.executable, str(s), "--help"], cwd=tmp_path, env=env,
                                                        capture_output=True, text=True, timeout=120), SCRIPTS))

@@ -183,7 +183,7 @@ def test_split_made_with_another_tau_is_not_replaced_silently(sd_run, tmp_path):
     script = load_script("separate_samples")
     folder = split_dir(parse_script_args("separate_samples", copy, "--poison_rate", 0.2))
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(UserError, match="--trans1 rotate"):
+    with pytest.raises(UserError, match="trans1=rotate"):
         script.main(parse_script_args("separate_samples", copy, "--poison_rate", 0.2, "--trans1", "flip"))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     script.main(parse_script_args("separate_samples", copy, "--poison_rate", 0.2))   # same settings: a rerun

@@ -3,13 +3,17 @@ resumes without redoing finished steps."""
 import argparse
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from conftest import REPO_ROOT, load_script
+from conftest import REPO_ROOT, SUBPROCESS_ENV, load_script
 from utils.args import validate_args
 from utils.paths import backdoor_dir, split_dir, st_dir
 
@@ -56,28 +60,105 @@ def test_report_on_fake_logs(tmp_path):
     assert (tmp_path / "res" / "synthetic_w16_fct.png").stat().st_size > 10_000
 
 
-def test_run_all_quick_completes_and_resumes(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = ["bash", str(REPO_ROOT / "run_all.sh"), "--quick", "--attacks", "badnets", "--epoch_scale", "0.05",
-           "--st_epochs", "1", "--device", "cpu", "--save_root", str(tmp_path / "saved"),
-           "--results_dir", str(tmp_path / "results")]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+ENV = {**SUBPROCESS_ENV, "PYTHON": sys.executable}
+
+
+def quick_command(root):
+    return ["bash", str(REPO_ROOT / "run_all.sh"), "--quick", "--attacks", "badnets", "--epoch_scale", "0.05",
+            "--st_epochs", "1", "--device", "cpu", "--save_root", str(root / "saved"), "--results_dir",
+            str(root / "results")]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One uninterrupted tiny quick chain (BadNets, synthetic data): (folder, its output, seconds)."""
+    root = tmp_path_factory.mktemp("quick")
+    t0 = time.time()
+    first = subprocess.run(quick_command(root), capture_output=True, text=True, env=ENV, timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    return root, first, time.time() - t0
+
+
+def test_run_all_quick_completes_and_resumes(quick_run):
+    root, first, _ = quick_run
+    cmd = quick_command(root)
     assert "[run]  badnets dst_test" in first.stdout and "[skip]" not in first.stdout
-    md = (tmp_path / "results" / "synthetic.md").read_text()
+    md = (root / "results" / "synthetic.md").read_text()
     assert "BadNets-all2one" in md
-    times = (tmp_path / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines()
+    times = (root / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines()
     assert len(times) == 11   # 11 steps: no clean model outside CL
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert second.returncode == 0
     assert second.stdout.count("[skip]") == 11 and "[run]" not in second.stdout
-    assert len((tmp_path / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines()) == 11
+    assert (root / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines() == times
     # a step made with another trigger file (its fingerprint is in the .done marker) is not reused
-    marker = tmp_path / "saved" / "run_all" / "synthetic_quick" / "badnets" / "withTrans.done"
+    marker = root / "saved" / "run_all" / "synthetic_quick" / "badnets" / "withTrans.done"
     assert marker.read_text() == ""  # gridTrigger is drawn in code: no file to fingerprint
     marker.write_text("0123456789ab")
-    third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    third = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert third.returncode == 2 and "another trigger file" in third.stderr and "[run]" not in third.stdout
+    marker.write_text("")
+
+
+def report_tables(results_dir):
+    """The report without its minutes per step (wall time is all that may differ between two runs)."""
+    return (results_dir / "synthetic.md").read_text().split("Minutes per step:")[0]
+
+
+def test_killed_run_all_resumes_to_the_uninterrupted_report(quick_run, tmp_path):
+    """SIGKILLs of the whole process group at seeded random points, then a resume: the same report,
+    every checkpoint loadable after every kill, each step timed once."""
+    from utils.checkpoint import read_checkpoint
+    reference, _, chain_seconds = quick_run
+    cmd = quick_command(tmp_path)
+    rng = random.Random(1000)
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        with pytest.raises(subprocess.TimeoutExpired):   # the kill lands before the chain ends
+            proc.wait(timeout=rng.uniform(5, chain_seconds / 4))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for ckpt in (tmp_path / "saved").rglob("*.tar"):
+            read_checkpoint(ckpt)
+    final = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    assert "[skip]" in final.stdout   # the steps finished before the kills were not redone
+    assert report_tables(tmp_path / "results") == report_tables(reference / "results")
+    times = (tmp_path / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines()
+    assert len(times) == len({tuple(t.split(",")[:2]) for t in times}) == 11
+
+
+def test_second_run_all_on_one_save_root_is_refused(tmp_path):
+    import fcntl
+    root = tmp_path / "saved"
+    root.mkdir()
+    with open(root / ".run_all.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        out = subprocess.run(quick_command(tmp_path), capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.returncode == 2 and "in use by another run_all.sh (process 4242)" in out.stderr, out.stderr
+    assert sorted(p.name for p in root.iterdir()) == [".run_all.lock"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epoch_scale", "abc"], "--epoch_scale must be a positive number"),
+    (["--epoch_scale", "0"], "--epoch_scale must be a positive number"),
+    (["--attacks"], "--attacks needs a value"),
+    (["--attacks", "--quick"], "--attacks needs a value"),
+    (["--seed", "-1"], "--seed must be an integer >= 0"),
+    (["--st_epochs", "1.5"], "--st_epochs must be a positive integer"),
+    (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+    (["--dataset", "mnist"], "unknown --dataset"),
+    (["--data_file", "absent.npz"], "does not exist"),
+    (["--bogus"], "unknown option --bogus"),
+])
+def test_run_all_refuses_bad_flags_with_one_line(tmp_path, flags, message):
+    out = subprocess.run(["bash", str(REPO_ROOT / "run_all.sh"), "--save_root", str(tmp_path / "saved"), *flags],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+    assert not (tmp_path / "saved").exists()
 
 
 def test_run_all_rejects_unknown_attack(tmp_path):

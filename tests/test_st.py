@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_flag_refused
 from dataloader_bd import build_datasets
 from utils.args import describe_args, validate_args
 from utils.checkpoint import save_checkpoint
@@ -260,10 +261,34 @@ def test_extractor_checkpoint_of_another_width_is_refused(trained, tmp_path):
         load_extractor(path, validate_args(other))
 
 
-def test_negative_lambda_is_refused(tmp_path):
+def test_negative_lambda_is_refused(tmp_path, capsys):
+    assert_flag_refused(capsys, "ST/train_classifier", tmp_path, "--lambda_p", "-0.001", match="--lambda_p")
     cls = _script("train_classifier")
-    args = cls.build_parser().parse_args(["--dataset", "synthetic", "--lambda_p", "-0.001"])
-    with pytest.raises(UserError, match="lambda_p"):
-        prepare_args(args)
     args = cls.build_parser().parse_args(["--dataset", "synthetic", "--lambda_p", "0"])
     assert prepare_args(args).lambda_p == 0  # 0 is allowed: the plain-CE ablation
+
+
+def test_extractor_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    ext = _script("train_extractor")
+    flags = ("--epochs", "3", "--batch_size", "128", "--warm_epochs", "1")
+    whole = _args(ext, tmp_path / "whole", *flags)
+    _oracle_split(validate_args(whole))
+    ext.main(whole)
+    real = ext.save
+
+    def stop_at_epoch_1(args, run_dir, model, optimizer, epoch, g):
+        if epoch == 1:  # after epoch 1's CSV row, before its checkpoint
+            raise KeyboardInterrupt
+        real(args, run_dir, model, optimizer, epoch, g)
+    monkeypatch.setattr(ext, "save", stop_at_epoch_1)
+    cut = _args(ext, tmp_path / "cut", *flags)
+    _oracle_split(validate_args(cut))
+    with pytest.raises(KeyboardInterrupt):
+        ext.main(cut)
+    monkeypatch.setattr(ext, "save", real)
+    ext.main(_args(ext, tmp_path / "cut", *flags, "--resume"))
+    from utils.checkpoint import read_checkpoint
+    from utils.supcon import extractor_dir
+    a, b = (read_checkpoint(extractor_dir(x) / "last.pth") for x in (whole, cut))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["Epoch"] for r in _rows(extractor_dir(cut) / "log.csv")] == ["0", "1", "2"]

@@ -177,3 +177,44 @@ def test_inference_precision_is_separate_from_training_precision():
         assert layer(torch.ones(1, 4)).dtype == torch.float32
     with rt.autocast(inference=True):
         assert layer(torch.ones(1, 4)).dtype == torch.bfloat16
+
+
+class Interrupted(Exception):
+    """Stands for a kill at one exact point of a run."""
+
+
+def test_interruption_between_log_row_and_checkpoint_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """Stopped after epoch 2's CSV row but before its checkpoint, then resumed: every epoch is in the
+    log once, and the model is the one an uninterrupted run gives (random state from the checkpoint)."""
+    import utils.train
+    script, flags = "train_attack_withTrans", ("--epochs", 4, "--lr", 0.05, "--schedule", 2)  # augmentation draws from g
+    load_script(script).main(parse_script_args(script, tmp_path / "whole", *flags))
+    real = utils.train.save_checkpoint
+
+    def save_until_epoch_2(path, *a, **k):
+        if path.name == "2.tar":
+            raise Interrupted
+        return real(path, *a, **k)
+    monkeypatch.setattr(utils.train, "save_checkpoint", save_until_epoch_2)
+    args = parse_script_args(script, tmp_path / "cut", *flags)
+    with pytest.raises(Interrupted):
+        load_script(script).main(args)
+    run_dir = backdoor_dir(args, "withTrans")
+    assert pd.read_csv(run_dir / "log.csv")["Epoch"].tolist() == [0, 1, 2]   # the row of epoch 2 has no checkpoint
+    monkeypatch.setattr(utils.train, "save_checkpoint", real)
+    load_script(script).main(parse_script_args(script, tmp_path / "cut", *flags, "--resume"))
+    log = pd.read_csv(run_dir / "log.csv")
+    whole_dir = backdoor_dir(parse_script_args(script, tmp_path / "whole", *flags), "withTrans")
+    whole_log = pd.read_csv(whole_dir / "log.csv")
+    assert log["Epoch"].tolist() == [0, 1, 2, 3]
+    pd.testing.assert_frame_equal(log.drop(columns="Seconds"), whole_log.drop(columns="Seconds"))
+    resumed, whole = read_checkpoint(run_dir / "3.tar"), read_checkpoint(whole_dir / "3.tar")
+    assert all(torch.equal(resumed["model"][k], whole["model"][k]) for k in whole["model"])
+
+
+def test_checkpoint_without_random_state_is_not_resumed(tmp_path):
+    args = parse_script_args(SCRIPT, tmp_path / "saved", "--epochs", 2)
+    run_dir = backdoor_dir(validate_args(args), "noTrans")
+    save_checkpoint(run_dir / "0.tar", args, get_network(args), epoch=0)
+    with pytest.raises(UserError, match="no random state"):
+        load_script(SCRIPT).main(parse_script_args(SCRIPT, tmp_path / "saved", "--epochs", 2, "--resume"))

@@ -5,7 +5,9 @@ Dataset facts (classes, image size, normalisation) live in ``DATASETS`` and are 
 ``--dataset``; nothing else in the project types them again.
 """
 import argparse
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,22 +48,47 @@ PAPER_ATTACKS = {
 }
 
 
+# ----------------------------------------------------------------------------------- value types
+# argparse types: a bad value is refused while parsing, with argparse's one-line message
+def _number(kind, test, wanted):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or not test(value):  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+    parse.__name__ = wanted  # what argparse names in "invalid <type> value"
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+open_unit = _number(float, lambda v: 0 < v < 1, "in (0, 1)")
+rate = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+unit_interval = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+holdout_share = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
 def _add_data(p):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
     g.add_argument("--data_root", default="./dataset/", help="where CIFAR is downloaded / ImageNet subset lives")
     g.add_argument("--data_file", default=None,
                    help="an .npz with uint8 HWC arrays x_train y_train x_test y_test; overrides the download")
-    g.add_argument("--num_workers", type=int, default=2, help="loader workers (ImageNet folder reading only)")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="fixes the poisoned indices and all randomness")
+    g.add_argument("--num_workers", type=nonneg_int, default=2, help="loader workers (ImageNet folder reading only)")
+    g.add_argument("--seed", type=nonneg_int, default=DEFAULT_SEED, help="fixes the poisoned indices and all randomness")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 
 def _add_attack(p):
     g = p.add_argument_group("attack")
-    g.add_argument("--poison_rate", type=float, default=0.10)
+    g.add_argument("--poison_rate", type=rate, default=0.10)
     g.add_argument("--target_type", default="all2one", choices=TARGET_TYPES)
-    g.add_argument("--target_label", type=int, default=0)
+    g.add_argument("--target_label", type=nonneg_int, default=0)
     g.add_argument("--trigger_type", default="gridTrigger",
                    help="one of: " + ", ".join(TRIGGER_TYPES))
     g.add_argument("--blend_image", default=None,
@@ -76,23 +103,23 @@ def _add_attack(p):
 def _add_model(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet18", choices=MODELS)
-    g.add_argument("--width", type=int, default=64,
+    g.add_argument("--width", type=positive_int, default=64,
                    help="base channels of the ResNet (64 = paper; 16 makes CPU runs practical)")
 
 
 def _add_optim(p):
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=200)
-    g.add_argument("--batch_size", type=int, default=128)
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight_decay", type=float, default=5e-4)
-    g.add_argument("--schedule", type=int, nargs="*", default=[100, 150],
+    g.add_argument("--epochs", type=positive_int, default=200)
+    g.add_argument("--batch_size", type=positive_int, default=128)
+    g.add_argument("--lr", type=positive_float, default=0.01)
+    g.add_argument("--momentum", type=unit_interval, default=0.9)
+    g.add_argument("--weight_decay", type=nonneg_float, default=5e-4)
+    g.add_argument("--schedule", type=nonneg_int, nargs="*", default=[100, 150],
                    help="epochs at which the lr is multiplied by --gamma (step schedule)")
-    g.add_argument("--gamma", type=float, default=0.1, help="lr decay factor of the step schedule")
-    g.add_argument("--cosine_period", type=int, default=100,
+    g.add_argument("--gamma", type=positive_float, default=0.1, help="lr decay factor of the step schedule")
+    g.add_argument("--cosine_period", type=positive_int, default=100,
                    help="period (epochs) of the cosine schedule of the noTrans/fine-tuning steps")
-    g.add_argument("--save_freq", type=int, default=1,
+    g.add_argument("--save_freq", type=positive_int, default=1,
                    help="keep every N-th epoch checkpoint (the last epoch is always kept)")
     g.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
                    help="bf16 mixed precision (auto: on for CUDA; on a CPU with native bf16 (AMX / "
@@ -105,22 +132,24 @@ def _add_io(p):
     g.add_argument("--checkpoint_load", "-checkpoint_load", default=None)
     g.add_argument("--checkpoint_save", default=None)
     g.add_argument("--log", default=None, help="CSV log path (default: log.csv in the run folder)")
-    g.add_argument("--save_root", default="./saved")
+    g.add_argument("--save_root", default="./saved", help="every output goes under this folder")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
-    g.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run (without it, an output made with other settings is "
+                        "never replaced)")
 
 
 def _add_sd(p):
     g = p.add_argument_group("sample distinguishment")
-    g.add_argument("--clean_ratio", "---clean_ratio", type=float, default=0.20, help="alpha_c")
-    g.add_argument("--poison_ratio", type=float, default=0.05, help="alpha_p")
+    g.add_argument("--clean_ratio", "---clean_ratio", type=open_unit, default=0.20, help="alpha_c")
+    g.add_argument("--poison_ratio", type=open_unit, default=0.05, help="alpha_p (alpha_c + alpha_p <= 1)")
     g.add_argument("--gamma_low", type=float, default=None, help="gamma_c (default: from calculate_gamma.py)")
     g.add_argument("--gamma_high", type=float, default=None, help="gamma_p (default: from calculate_gamma.py)")
     g.add_argument("--trans1", default="rotate", choices=FCT_TRANSFORMS, help="first transform of tau")
     g.add_argument("--trans2", default="affine", choices=FCT_TRANSFORMS, help="second transform of tau")
-    g.add_argument("--fct_draws", type=int, default=1,
+    g.add_argument("--fct_draws", type=positive_int, default=1,
                    help="opt-in, beyond the paper: average Delta over this many random tau per sample")
-    g.add_argument("--sd_width", type=int, default=None,
+    g.add_argument("--sd_width", type=positive_int, default=None,
                    help="width of the SD models whose split is used (default: --width)")
 
 
@@ -128,10 +157,42 @@ GROUPS = {"data": _add_data, "attack": _add_attack, "model": _add_model, "optim"
           "io": _add_io, "sd": _add_sd}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2, a pointer to --help) and the checks that involve two
+    flags, so that every script refuses a bad command line before it writes anything."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        problem = cross_check(parsed)
+        if problem:
+            self.error(problem)
+        return parsed, rest
+
+
+def cross_check(args):
+    """The first problem between flags that argparse's per-flag types cannot see, or None."""
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    if get("clean_ratio") is not None and get("poison_ratio") is not None \
+            and args.clean_ratio + args.poison_ratio > 1 + 1e-9:
+        return (f"--clean_ratio {args.clean_ratio} + --poison_ratio {args.poison_ratio} exceed 1: D_c and D_p "
+                "would share samples")
+    if (get("gamma_low") is None) != (get("gamma_high") is None):
+        return "give both --gamma_low and --gamma_high, or neither"
+    if get("gamma_low") is not None and not args.gamma_low < args.gamma_high:
+        return f"--gamma_low {args.gamma_low} must be below --gamma_high {args.gamma_high}"
+    if get("target_label") is not None and get("dataset") in DATASETS:
+        n = DATASETS[args.dataset].num_classes
+        if not 0 <= args.target_label < n:
+            return f"--target_label {args.target_label} is out of range for {args.dataset} ({n} classes)"
+    return None
+
+
 def build_parser(description, groups=("data", "attack", "model", "optim", "io"), **defaults):
     """The shared parser: the named flag groups, with script-specific defaults."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name in groups:
         GROUPS[name](parser)
     parser.set_defaults(**defaults)
@@ -146,24 +207,19 @@ def validate_args(args):
     """Check what argparse cannot; raise UserError naming the first problem."""
     if hasattr(args, "trigger_type") and args.trigger_type not in TRIGGER_TYPES:
         raise UserError(f"unknown trigger '{args.trigger_type}'; choose one of {', '.join(TRIGGER_TYPES)}")
-    if hasattr(args, "poison_rate") and not 0 < args.poison_rate <= 1:
-        raise UserError(f"--poison_rate must be in (0, 1], got {args.poison_rate}")
-    if hasattr(args, "target_label"):
-        n = dataset_info(args).num_classes
-        if not 0 <= args.target_label < n:
-            raise UserError(f"--target_label {args.target_label} is out of range for {args.dataset} "
-                            f"({n} classes)")
+    problem = cross_check(args)  # again for arguments built without the parser (tests, benchmarks)
+    if problem:
+        raise UserError(problem)
     if hasattr(args, "trigger_type"):
         imagenet_trigger = args.trigger_type.endswith("_imagenet")
         if imagenet_trigger != (args.dataset == "imagenet") and args.trigger_type != "SSBA":
             raise UserError(f"trigger '{args.trigger_type}' is not for {args.dataset}; "
                             + ("use squareTrigger_imagenet or signalTrigger_imagenet"
                                if args.dataset == "imagenet" else "the _imagenet triggers need --dataset imagenet"))
-    if hasattr(args, "width") and args.width < 1:
-        raise UserError("--width must be positive")
-    for name in ("clean_ratio", "poison_ratio"):
-        if hasattr(args, name) and not 0 <= getattr(args, name) < 1:
-            raise UserError(f"--{name} must be in [0, 1)")
+    for flag in ("save_root", "st_root", "log", "checkpoint_save"):
+        if getattr(args, flag, None):
+            check_creatable(Path(getattr(args, flag)) if flag.endswith("root") else Path(getattr(args, flag)).parent,
+                            f"--{flag}")
     if hasattr(args, "trigger_type"):
         from utils.triggers import asset_fingerprint
         args.trigger_asset = asset_fingerprint(args)  # recorded in checkpoints and splits
@@ -171,6 +227,19 @@ def validate_args(args):
     args.num_classes, args.image_size = info.num_classes, info.image_size
     args.mean, args.std = list(info.mean), list(info.std)
     return args
+
+
+def check_creatable(folder, flag):
+    """UserError unless ``folder`` exists as a writable folder or can be created (nothing is created)."""
+    p = Path(folder).absolute()
+    while not p.exists():
+        if p.is_symlink():  # a dangling link
+            raise UserError(f"{flag} {folder} cannot be created: {p} is a broken link")
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"{flag} {folder} cannot be created: {p} is a file")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} cannot be created: {p} is not writable")
 
 
 def resolve_device(args):

@@ -4,7 +4,6 @@ Saved atomically (write to a temporary file, then rename) and loaded with ``weig
 and strict keys, so a checkpoint from another dataset, model, width or attack is refused with a
 one-line error instead of being half-loaded.
 """
-import os
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ import torch
 from models import build_model
 from utils.args import describe_args
 from utils.errors import UserError
+from utils.files import atomic_write
 from utils.paths import dataset_tag
 
 # what must agree between a checkpoint and the run that loads it
@@ -21,7 +21,6 @@ ATTACK_KEYS = ("data_tag", "poison_rate", "target_type", "target_label", "trigge
 
 def save_checkpoint(path, args, model, optimizer=None, scheduler=None, epoch=None, **extra):
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = describe_args(args)
     meta["data_tag"] = dataset_tag(args)
     state = {"model": model.state_dict(), "epoch": epoch, "args": meta, **extra}
@@ -29,9 +28,7 @@ def save_checkpoint(path, args, model, optimizer=None, scheduler=None, epoch=Non
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def read_checkpoint(path):

@@ -1,26 +1,58 @@
-"""Run logs: a CSV per run (one row per epoch) and a header with the git SHA and arguments."""
+"""Run logs: a CSV per run (one row per epoch), a header with the git SHA and arguments, and the
+progress bar (drawn on a terminal only; a log file gets the scripts' few lines per epoch instead)."""
 import csv
+import os
 import subprocess
 from pathlib import Path
 
+from tqdm import tqdm
+
+from utils.files import atomic_write
 from utils.paths import REPO_ROOT
 
 
 class CSVLogger:
-    """Append rows to a CSV; a fresh run writes the header, a resumed one appends."""
+    """Append rows to a CSV; a fresh run writes the header, a resumed one appends.
 
-    def __init__(self, path, fieldnames, append=False):
+    resume_after=E (a resumed run whose checkpoint holds epoch E): rows of later epochs, written
+    by the interrupted run after its last checkpoint, are dropped, so that every epoch is in the
+    log exactly once after the resume."""
+
+    def __init__(self, path, fieldnames, append=False, resume_after=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fieldnames = list(fieldnames)
         if not (append and self.path.exists()):
-            with open(self.path, "w", newline="") as f:
-                csv.DictWriter(f, self.fieldnames).writeheader()
+            atomic_write(self.path, lambda tmp: self._write_rows(tmp, []))
+        elif resume_after is not None:
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if _epoch(r) <= resume_after]
+            atomic_write(self.path, lambda tmp: self._write_rows(tmp, rows))
+
+    def _write_rows(self, path, rows):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, self.fieldnames, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
 
     def write(self, row):
         with open(self.path, "a", newline="") as f:
             w = csv.DictWriter(f, self.fieldnames, extrasaction="ignore")
             w.writerow({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _epoch(row):
+    try:
+        return int(float(row.get("Epoch", "")))
+    except ValueError:  # a line cut short by a kill
+        return float("inf")
+
+
+def progress(iterable, desc):
+    """tqdm on a terminal; nothing elsewhere (CI logs, run_all.sh's step logs), where the scripts'
+    per-epoch lines say enough. TQDM_DISABLE=1 turns it off on a terminal too."""
+    disable = True if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes") else None
+    return tqdm(iterable, desc=desc, leave=False, mininterval=1, disable=disable)
 
 
 def git_sha():

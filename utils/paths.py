@@ -77,8 +77,10 @@ def fct_prefix(checkpoint_path):
 
 
 def st_dir(args):
-    """D-ST outputs: ST/save/poison_rate_<p>/SupCon_models/<dataset>/<model>/<attack>_<ac>_<ap>/."""
-    root = Path(args.st_root) if getattr(args, "st_root", None) else REPO_ROOT / "ST" / "save"
+    """D-ST outputs: <st_root>/poison_rate_<p>/SupCon_models/<dataset>/<model>/<attack>_<ac>_<ap>/,
+    with st_root <save_root>/ST_save unless --st_root names another (paper-readme's ST/save layout
+    below it)."""
+    root = Path(args.st_root) if getattr(args, "st_root", None) else save_root(args) / "ST_save"
     return (root / f"poison_rate_{_rate(args.poison_rate)}" / "SupCon_models" / dataset_tag(args)
             / model_tag(args) / f"{attack_tag(args)}_{_rate(args.clean_ratio)}_{_rate(args.poison_ratio)}")
 

@@ -13,14 +13,15 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from models import build_model
-from utils.args import validate_args
+from utils.args import nonneg_float, positive_float, validate_args
 from utils.augment import supcon_view
 from utils.checkpoint import ATTACK_KEYS, MODEL_KEYS, check_compatible, load_weights, read_checkpoint
 from utils.errors import UserError
-from utils.paths import REPO_ROOT, attack_tag, split_dir, st_dir
+from utils.files import lock_folder
+from utils.logger import progress
+from utils.paths import attack_tag, split_dir, st_dir
 from utils.train import batch_indices
 
 # the paper's extractor recipe (SPEC 4.1): also what train_classifier.py / test.py look for by default
@@ -176,7 +177,7 @@ def run_epoch(model, n, batch_size, g, step, optimizer, lr_at, epoch, desc="trai
     t0 = clock()
     batches = batch_indices(n, batch_size, g)
     loss_sum, sums, lr, first = 0.0, {}, None, None
-    for i, idx in enumerate(tqdm(batches, desc=desc, leave=False, mininterval=1)):
+    for i, idx in enumerate(progress(batches, desc)):
         lr = lr_at(epoch + i / len(batches))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -205,22 +206,24 @@ def add_st_flags(parser, script):
                    help="baseline without defence: trust every training sample (plain SupCon on the whole "
                         "poisoned set, plain cross-entropy classifier); outputs in <attack>_undefended/")
     g.add_argument("--st_root", default=None,
-                   help="root of the D-ST outputs (default: <repo>/ST/save, as in paper-readme)")
+                   help="root of the D-ST outputs (default: <save_root>/ST_save, with paper-readme's ST/save "
+                        "layout inside)")
     if script != "extractor":
-        g.add_argument("--temp", type=float, default=EXTRACTOR_DEFAULTS["temp"],
+        g.add_argument("--temp", type=positive_float, default=EXTRACTOR_DEFAULTS["temp"],
                        help="temperature of the extractor run to look for when no checkpoint is given")
     return g
 
 
 def add_classifier_recipe_flags(g):
     """The classifier's recipe flags (they name its run folder, so ST/test.py takes them too to find it)."""
-    g.add_argument("--lambda_p", type=float, default=0.001, help="lambda: weight of -CE(D_p)")
+    g.add_argument("--lambda_p", type=nonneg_float, default=0.001,
+                   help="lambda: weight of -CE(D_p) (>= 0: a negative value would train on the detected poisoned labels)")
     # improvements beyond the paper, off by default
     g.add_argument("--normalize_features", action="store_true",
                    help="[not in the paper] L2-normalise the features before the linear layer")
-    g.add_argument("--warm_epochs", type=float, default=0,
+    g.add_argument("--warm_epochs", type=nonneg_float, default=0,
                    help="[not in the paper] linear lr warm-up from --warmup_from over this many epochs")
-    g.add_argument("--warmup_from", type=float, default=0.01)
+    g.add_argument("--warmup_from", type=positive_float, default=0.01)
     g.add_argument("--cosine", action="store_true",
                    help="[not in the paper] cosine decay of the lr to lr x 0.001 over the run (after the warm-up): "
                         "a stable last epoch, which is the one kept")
@@ -230,17 +233,15 @@ def add_classifier_recipe_flags(g):
 
 
 def prepare_args(args):
-    """validate_args plus the ST rule for relative --save_root: run from <repo>/ST (as paper-readme's
-    `cd ST` does), a relative --save_root is taken from the repository root, so the default ./saved
-    finds the split that the SD scripts wrote from the root; from anywhere else it is relative to
-    the current folder, as in every other script."""
+    """validate_args plus the ST rule for relative --save_root: run from a checkout's ST/ folder (as
+    paper-readme's `cd ST` does), a relative --save_root is taken from that checkout's root, so the
+    default ./saved finds the split that the SD scripts wrote from the root; from anywhere else it
+    is relative to the current folder, as in every other script. The checkout is the one whose ST/
+    is the current folder, not the one the shared code was installed from."""
+    root, cwd = Path(args.save_root), Path.cwd().resolve()
+    if not root.is_absolute() and cwd.name == "ST" and (cwd / "train_extractor.py").is_file():
+        args.save_root = str((cwd.parent / root).resolve())
     validate_args(args)
-    root = Path(args.save_root)
-    if not root.is_absolute() and Path.cwd().resolve() == (REPO_ROOT / "ST").resolve():
-        args.save_root = str((REPO_ROOT / root).resolve())
-    if getattr(args, "lambda_p", 0) < 0:
-        raise UserError(f"--lambda_p must be >= 0, got {args.lambda_p}: it weighs the -CE(D_p) term, so a "
-                        "negative value would train the linear layer on the detected poisoned labels")
     if args.dataset == "imagenet":
         raise UserError("D-ST is defined for the 32x32 datasets (cifar10, cifar100); the paper runs only "
                         "D-BR on the ImageNet subset")
@@ -288,19 +289,21 @@ def classifier_dir(args):
 
 
 def start_run(args, run_dir):
-    """Refuse to mix runs: a folder with last.pth needs --resume (extractor) or --overwrite.
+    """Refuse to mix runs: a folder with last.pth needs --resume (extractor) or --overwrite. Then
+    lock the folder for this process (a second one stops with a one-line error naming it).
     Returns the checkpoint to resume from, or None."""
     last = run_dir / "last.pth"
-    if getattr(args, "resume", False):
-        if not last.exists():
-            raise UserError(f"--resume: no last.pth in {run_dir}")
+    resume = getattr(args, "resume", False)
+    if resume and not last.exists():
+        raise UserError(f"--resume: no last.pth in {run_dir}")
+    if not resume and last.exists() and not args.overwrite:
+        raise UserError(f"{run_dir} already holds a run (last.pth); pass --overwrite to start again"
+                        + (" or --resume to continue it" if hasattr(args, "resume") else ""))
+    lock_folder(run_dir)
+    if resume:
         return read_checkpoint(last)
-    if last.exists():
-        if not args.overwrite:
-            raise UserError(f"{run_dir} already holds a run (last.pth); pass --overwrite to start again"
-                            + (" or --resume to continue it" if hasattr(args, "resume") else ""))
-        for p in list(run_dir.glob("*.pth")) + [run_dir / "log.csv"]:
-            p.unlink(missing_ok=True)
+    for p in list(run_dir.glob("*.pth")) + [run_dir / "log.csv"]:
+        p.unlink(missing_ok=True)
     return None
 
 

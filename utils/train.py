@@ -10,14 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from dataloader_bd import build_datasets
+from dataloader_bd import build_datasets, load_raw
 from utils.args import use_amp, use_inference_amp
 from utils.checkpoint import (ATTACK_KEYS, MODEL_KEYS, check_compatible, load_weights, model_from_checkpoint,
                               read_checkpoint, save_checkpoint)
 from utils.errors import UserError
-from utils.logger import CSVLogger
+from utils.files import lock_folder, unlock_folder
+from utils.logger import CSVLogger, progress
 from utils.paths import clean_model_dir, latest_checkpoint
 
 TRAIN_COLUMNS = ["Epoch", "Train_Loss", "Train_ACC", "Train_ASR", "Train_R-ACC", "Test_Loss_cl", "Test_ACC",
@@ -98,8 +97,7 @@ def train_epoch(model, data, optimizer, rt, g, criterion=cross_entropy, augment=
     # loss, correct, n_poison, asr hits, racc hits; the sample count n is known on the host
     sums = torch.zeros(5, dtype=torch.float32, device=rt.device)
     n = 0
-    for idx in tqdm(batch_indices(len(data.labels), batch_size, g, device=data.labels.device),
-                    desc=desc, leave=False, mininterval=1):
+    for idx in progress(batch_indices(len(data.labels), batch_size, g, device=data.labels.device), desc):
         x = rt.images(data.images[idx])
         if augment is not None:  # grid_sample returns NCHW: back to the layout the network runs in
             x = augment(x, g).contiguous(memory_format=torch.channels_last)
@@ -180,28 +178,35 @@ def make_scheduler(optimizer, args, kind):
 
 # ----------------------------------------------------------------------------------- whole runs
 def start_checkpoint(args, run_dir, init_checkpoint=None, resume_checkpoint=None):
-    """Decide where a training run starts, without ever overwriting earlier work silently.
+    """Decide where a training run starts, without ever overwriting earlier work silently, and lock
+    ``run_dir`` for this process (a second process on it stops with a one-line error).
 
     Returns (checkpoint dict or None, is_resume). resume_checkpoint (or --resume: the newest
     checkpoint in run_dir) continues a run at its next epoch; init_checkpoint (the noTrans model a
-    fine-tuning starts from) starts a new run from that state.
+    fine-tuning starts from) starts a new run from that state. Nothing is written or removed before
+    the checks pass and the lock is held.
     """
     existing = latest_checkpoint(run_dir)
     if resume_checkpoint is not None:
-        return read_checkpoint(resume_checkpoint), True
-    if args.resume:
+        start = read_checkpoint(resume_checkpoint), True
+    elif args.resume:
         if existing is None:
             raise UserError(f"--resume: no checkpoint in {run_dir}")
-        return read_checkpoint(existing), True
-    if existing is not None and not args.overwrite:
+        start = None, True
+    elif existing is not None and not args.overwrite:
         raise UserError(f"{run_dir} already holds checkpoints (up to {existing.name}); "
                         "pass --resume to continue or --overwrite to start again")
-    if existing is not None:
+    else:
+        start = (read_checkpoint(init_checkpoint) if init_checkpoint is not None else None), False
+    if start[0] is not None:
+        check_compatible(start[0], args, MODEL_KEYS + ATTACK_KEYS, "the checkpoint")
+    lock_folder(run_dir)
+    if args.resume and resume_checkpoint is None:  # read once the lock is held: the newest one now
+        return read_checkpoint(latest_checkpoint(run_dir)), True
+    if not start[1]:
         for p in run_dir.glob("*.tar"):
             p.unlink()
-    if init_checkpoint is not None:
-        return read_checkpoint(init_checkpoint), False
-    return None, False
+    return start
 
 
 def save_poison_indices(run_dir, train_set, overwrite=False):
@@ -218,13 +223,23 @@ def save_poison_indices(run_dir, train_set, overwrite=False):
 
 
 def fit(args, model, train_set, tests, rt, run_dir, *, augment=None, criterion=cross_entropy,
-        schedule="step", init_checkpoint=None, resume_checkpoint=None, desc="train"):
-    """Train ``model`` for args.epochs epochs, saving ``<epoch>.tar`` and a CSV row each epoch.
+        schedule="step", init_checkpoint=None, resume_checkpoint=None, desc="train", start=None):
+    """Train ``model`` for args.epochs epochs, saving a CSV row and then ``<epoch>.tar`` each epoch.
 
     init_checkpoint: a checkpoint to start from (model, optimiser and scheduler state) as a new run;
-    resume_checkpoint / --resume: continue a run at the epoch after the checkpoint's.
+    resume_checkpoint / --resume: continue a run at the epoch after the checkpoint's, with the
+    batch-order and augmentation random state the checkpoint saved, so that the resumed run gives
+    the model an uninterrupted run gives, bit for bit. start: start_checkpoint's result, when the
+    caller already took it (and with it the run folder's lock).
     """
-    ckpt, resumed = start_checkpoint(args, run_dir, init_checkpoint, resume_checkpoint)
+    ckpt, resumed = start or start_checkpoint(args, run_dir, init_checkpoint, resume_checkpoint)
+    try:
+        return _fit(args, model, train_set, tests, rt, run_dir, augment, criterion, schedule, desc, ckpt, resumed)
+    finally:
+        unlock_folder(run_dir)
+
+
+def _fit(args, model, train_set, tests, rt, run_dir, augment, criterion, schedule, desc, ckpt, resumed):
     recipe = {"schedule": schedule, "augment": getattr(augment, "__name__", str(augment)),
               "criterion": criterion.__name__}
     if resumed and ckpt.get("recipe", recipe) != recipe:
@@ -244,9 +259,11 @@ def fit(args, model, train_set, tests, rt, run_dir, *, augment=None, criterion=c
         start = ckpt["epoch"] + 1 if resumed else 0
     save_poison_indices(run_dir, train_set, overwrite=args.overwrite and not resumed)
     log_path = args.log or run_dir / "log.csv"
-    logger = CSVLogger(log_path, TRAIN_COLUMNS, append=resumed)
+    logger = CSVLogger(log_path, TRAIN_COLUMNS, append=resumed, resume_after=start - 1 if resumed else None)
     data = place_train_data(rt, train_set.images, train_set.labels, train_set.gt_labels, train_set.is_clean)
-    g = generator(args.seed + 7919 * start)  # a resumed run continues with its own stream of batches
+    g = generator(args.seed)
+    if resumed:
+        restore_rng(g, ckpt, "the checkpoint")
     print(f"run folder: {run_dir}")
     for epoch in range(start, args.epochs):
         t0 = time.time()
@@ -259,9 +276,17 @@ def fit(args, model, train_set, tests, rt, run_dir, *, augment=None, criterion=c
         logger.write(row)
         print(f"epoch {epoch:3d}  loss {train_metrics['Train_Loss']:.4f}  {format_metrics(test_metrics)}  "
               f"({row['Seconds']:.1f} s)")
-        save_checkpoint(run_dir / f"{epoch}.tar", args, model, optimizer, scheduler, epoch, recipe=recipe)
+        save_checkpoint(run_dir / f"{epoch}.tar", args, model, optimizer, scheduler, epoch, recipe=recipe,
+                        rng_state=g.get_state())
         _prune(run_dir, epoch - 1, args)
     return model
+
+
+def restore_rng(g, ckpt, what):
+    """Continue the random stream (batch order, augmentation) where the checkpoint's run left it."""
+    if "rng_state" not in ckpt:
+        raise UserError(f"{what} holds no random state to resume from; start the run again with --overwrite")
+    g.set_state(ckpt["rng_state"])
 
 
 def seed_everything(seed):
@@ -269,17 +294,23 @@ def seed_everything(seed):
     np.random.seed(seed % 2**32)
 
 
-def load_attack_data(args, rt, poison=True):
-    """The poisoned training set and test sets of args' attack; CL first loads its clean model."""
+def clean_model_path(args):
+    """The clean model the CL attack perturbs its images against (UserError when there is none)."""
+    path = args.clean_model or latest_checkpoint(clean_model_dir(args))
+    if path is None:
+        raise UserError(f"the CL attack needs a clean model: none in {clean_model_dir(args)}; run "
+                        "train_clean_withTrans.py with the same --dataset/--data_file or pass --clean_model")
+    return path
+
+
+def load_attack_data(args, rt, poison=True, raw=None):
+    """The poisoned training set and test sets of args' attack; CL first loads its clean model.
+    raw: the clean arrays (dataloader_bd.load_raw), when the caller has loaded them already."""
     clean_model = None
     if poison and args.trigger_type == "fourCornerTrigger":
-        path = args.clean_model or latest_checkpoint(clean_model_dir(args))
-        if path is None:
-            raise UserError(f"the CL attack needs a clean model: none in {clean_model_dir(args)}; run "
-                            "train_clean_withTrans.py with the same --dataset/--data_file or pass --clean_model")
-        clean_model, _ = model_from_checkpoint(path)
+        clean_model, _ = model_from_checkpoint(clean_model_path(args))
         clean_model = prepare_model(clean_model, rt)
-    return build_datasets(args, clean_model, poison=poison)
+    return build_datasets(args, clean_model, raw=raw, poison=poison)
 
 
 def train_model(args, script, run_dir, *, augment=None, schedule="step", poison=True, criterion=cross_entropy,
@@ -296,14 +327,22 @@ def train_model(args, script, run_dir, *, augment=None, schedule="step", poison=
     rt = make_runtime(args, resolve_device(args))
     if init_checkpoint is not None:  # check the starting point before any output is written
         check_compatible(read_checkpoint(init_checkpoint), args, MODEL_KEYS + ATTACK_KEYS, init_checkpoint)
+    raw = load_raw(args)  # a bad data file (or a missing CL clean model) stops the run before it writes
+    if poison and args.trigger_type == "fourCornerTrigger":
+        clean_model_path(args)
+    # the run folder is decided and locked before the poisoned set is built: a second process stops at once
+    start = start_checkpoint(args, run_dir, init_checkpoint, None if init_checkpoint else args.checkpoint_load)
     print_header(script, args)
     seed_everything(args.seed)
-    train_set, tests = load_attack_data(args, rt, poison)
+    try:
+        train_set, tests = load_attack_data(args, rt, poison, raw)
+    except BaseException:
+        unlock_folder(run_dir)
+        raise
     print(f"{len(train_set)} training samples, {len(train_set.poison_indices)} poisoned; "
           f"{len(tests.clean_labels)} clean / {len(tests.bd_targets)} backdoor test images; device {rt.device}")
     return fit(args, get_network(args), train_set, tests, rt, run_dir, augment=augment, criterion=criterion,
-               schedule=schedule, init_checkpoint=init_checkpoint,
-               resume_checkpoint=None if init_checkpoint else args.checkpoint_load)
+               schedule=schedule, start=start)
 
 
 def _prune(run_dir, epoch, args):
