@@ -163,7 +163,9 @@ def load_raw(args):
     from utils.args import dataset_info
     info = dataset_info(args)
     if args.data_file:
-        return load_npz(args.data_file, info)
+        from utils.image_folder import cached_arrays, is_image_folder
+        path = cached_arrays(args.data_file, args.data_root) if is_image_folder(args.data_file) else args.data_file
+        return load_npz(path, info)
     if args.dataset == "synthetic":
         return make_synthetic()
     if args.dataset == "imagenet":

@@ -33,7 +33,7 @@ def build_parser():
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     p.add_argument("--times", default=None, help="run_all.sh's times.csv (attack,step,seconds)")
     p.add_argument("--out_dir", default=str(REPO_ROOT / "results"))
-    p.add_argument("--st_root", default=None, help="D-ST outputs (default: ST/save of the repo)")
+    p.add_argument("--st_root", default=None, help="D-ST outputs (default: <save_root>/ST_save)")
     p.add_argument("--note", default=None, help="a line under the title (e.g. the machine and the command)")
     p.add_argument("--name", default=None,
                    help="file name of the table, without .md (default: <dataset tag>_w<width>)")

@@ -2,7 +2,7 @@
 # Reproduce the paper's tables: for each attack, the numbered steps of the paper-readme in order
 # (clean model for CL, withTrans backdoored model, SD steps 1-5, D-BR, D-ST), then the report.
 #
-#   bash run_all.sh [--quick] [--attacks "badnets blend" | all] [--dataset cifar10] [--data_file F.npz]
+#   bash run_all.sh [--quick] [--attacks "badnets blend" | all] [--dataset cifar10] [--data_file F.npz|F.tar.gz|DIR]
 #                   [--device auto|cpu|cuda] [--save_root DIR] [--epoch_scale X] [--st_epochs N] [--seed N]
 #                   [--results_dir results] [--skip_dst]
 #
@@ -43,7 +43,7 @@ done
 [ -z "$ST_EPOCHS" ] || [[ "$ST_EPOCHS" =~ ^0*[1-9][0-9]*$ ]] || die "--st_epochs must be a positive integer, got '$ST_EPOCHS'"
 [ -z "$SEED" ] || [[ "$SEED" =~ ^[0-9]+$ ]] || die "--seed must be an integer >= 0, got '$SEED'"
 case "$DEVICE" in auto|cpu|cuda) ;; *) die "--device must be auto, cpu or cuda, got '$DEVICE'" ;; esac
-[ -z "$DATA_FILE" ] || [ -f "$DATA_FILE" ] || die "--data_file $DATA_FILE does not exist"
+[ -z "$DATA_FILE" ] || [ -e "$DATA_FILE" ] || die "--data_file $DATA_FILE does not exist"
 
 # the attack table lives in one place, utils/args.py (PAPER_ATTACKS): read it, do not copy it
 declare -A TARGET TRIGGER
@@ -97,7 +97,8 @@ E_NOTRANS=$(scale $E_NOTRANS); E_FT=$(scale $E_FT); E_WITH=$(scale $E_WITH); E_C
 COMMON=(--dataset "$DATASET" --width "$WIDTH" --device "$DEVICE" --save_root "$SAVE_ROOT")
 [ -n "$DATA_FILE" ] && COMMON+=(--data_file "$(realpath "$DATA_FILE")")
 [ -n "$SEED" ] && COMMON+=(--seed "$SEED")
-TAG=$DATASET${DATA_FILE:+-$(basename "${DATA_FILE%.npz}")}${SEED:+-seed$SEED}
+DATA_NAME=$(basename "${DATA_FILE:-x}"); for suffix in .npz .tar.gz .tgz .tar; do DATA_NAME=${DATA_NAME%"$suffix"}; done
+TAG=$DATASET${DATA_FILE:+-$DATA_NAME}${SEED:+-seed$SEED}
 RUN_DIR=$SAVE_ROOT/run_all/$TAG; [ "$QUICK" = 1 ] && RUN_DIR+=_quick
 mkdir -p "$SAVE_ROOT" 2>/dev/null && [ -w "$SAVE_ROOT" ] || die "--save_root $SAVE_ROOT cannot be created or written"
 # one run_all.sh per save root: the lock (flock) goes with the process that holds it, however it ends

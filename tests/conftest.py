@@ -4,6 +4,7 @@ The step scripts live at the repository root (they are not a package), so tests 
 path with ``load_script`` instead of editing ``sys.path``.
 """
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_FLAGS = ("--dataset", "synthetic", "--width", "8", "--device", "cpu")
+# DBD_TEST_AMP=off|auto runs the tiny synthetic runs with that --amp (default auto, as the scripts)
+AMP = os.environ.get("DBD_TEST_AMP", "auto")
 
 
 # torch threads of the tests and of the scripts they start (DBD_TEST_THREADS, default 1). The test
@@ -40,6 +43,22 @@ def load_script(name):
 
 
 @pytest.fixture
+def margin(request):
+    """``margin(name, value, bound)`` records a learning-based assertion's measured value next to its
+    bound, one JSON line per call in $DBD_MARGINS (when set): how the margins of the README's table
+    are measured, on any machine, thread count and --amp. The test asserts on the value itself."""
+    def record(name, value, bound):
+        path = os.environ.get("DBD_MARGINS")
+        if path:
+            row = {"test": request.node.nodeid, "what": name, "value": round(float(value), 4), "bound": bound,
+                   "threads": THREADS, "amp": AMP}
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return value
+    return record
+
+
+@pytest.fixture
 def save_root(tmp_path):
     """A fresh --save_root for one test."""
     return tmp_path / "saved"
@@ -47,8 +66,9 @@ def save_root(tmp_path):
 
 def parse_script_args(script, save_root, *extra):
     """``script``'s parsed arguments for a tiny CPU run on synthetic data, plus ``extra`` flags."""
-    return load_script(script).build_parser().parse_args(
-        [*TINY_FLAGS, "--save_root", str(save_root), *map(str, extra)])
+    parser = load_script(script).build_parser()
+    amp = ["--amp", AMP] if "--amp" in parser._option_string_actions else []  # the steps that compute
+    return parser.parse_args([*TINY_FLAGS, *amp, "--save_root", str(save_root), *map(str, extra)])
 
 
 def assert_flag_refused(capsys, script, save_root, *flags, match):

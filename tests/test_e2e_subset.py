@@ -25,7 +25,7 @@ EPOCHS = 6
 
 
 @pytest.mark.parametrize("amp", ["off", "auto"])
-def test_notrans_learns_badnets_on_the_subset(subset_path, tmp_path, amp):
+def test_notrans_learns_badnets_on_the_subset(subset_path, tmp_path, amp, margin):
     script = load_script("train_attack_noTrans")
     args = script.build_parser().parse_args(
         ["--data_file", str(subset_path), "--width", "16", "--device", "cpu", "--epochs", str(EPOCHS),
@@ -37,6 +37,10 @@ def test_notrans_learns_badnets_on_the_subset(subset_path, tmp_path, amp):
     assert read_checkpoint(run_dir / f"{EPOCHS - 1}.tar")["epoch"] == EPOCHS - 1
     assert (run_dir / "poison_indices.npy").exists()
     last = log.iloc[-1]
+    for name, value, bound in (("ACC", last["Test_ACC"], "> 30"), ("ASR", last["Test_ASR"], "> 80"),
+                               ("ASR - ASR0", last["Test_ASR"] - last["Test_ASR0"], "> 60"),
+                               ("ASR0", last["Test_ASR0"], "< 25"), ("Train_ASR", last["Train_ASR"], "> 80")):
+        margin(name, value, bound)
     assert last["Test_ACC"] > 30, log.to_string()                       # chance is 10 %; measured 43
     assert last["Test_ASR"] > 80, log.to_string()                       # measured 99.8
     assert last["Test_ASR"] - last["Test_ASR0"] > 60, log.to_string()   # the trigger, not a bias to class 0

@@ -15,7 +15,7 @@ import time
 import pandas as pd
 import torch
 
-from conftest import REPO_ROOT, SUBPROCESS_ENV, TINY_FLAGS
+from conftest import AMP, REPO_ROOT, SUBPROCESS_ENV, TINY_FLAGS
 from utils.checkpoint import read_checkpoint
 
 ENV = {**SUBPROCESS_ENV, "PYTHONUNBUFFERED": "1"}
@@ -24,7 +24,7 @@ KILLS = 3
 
 
 def train_command(save_root, *extra):
-    return [sys.executable, str(REPO_ROOT / "train_attack_withTrans.py"), *TINY_FLAGS, "--epochs", str(EPOCHS),
+    return [sys.executable, str(REPO_ROOT / "train_attack_withTrans.py"), *TINY_FLAGS, "--amp", AMP, "--epochs", str(EPOCHS),
             "--schedule", "3", "--save_freq", "2", "--lr", "0.05", "--save_root", str(save_root), *extra]
 
 

@@ -140,15 +140,18 @@ def sd_run(sd_chain):
     return sd_chain
 
 
-def test_fct_ranks_planted_poison_above_clean(sd_run):
+def test_fct_ranks_planted_poison_above_clean(sd_run, margin):
     root, args, values, _, report = sd_run
     run = backdoor_dir(args, "noTrans_ftsimi")
     poison = np.loadtxt(run / "0_poison.txt")
     clean = np.loadtxt(run / "0_clean.txt")
     assert len(poison) == 360 and len(clean) == 1640 and len(np.loadtxt(run / "0_all.txt")) == 2000
-    assert np.median(poison) > np.median(clean)
-    assert report["auroc"] > 0.9   # measured 0.98 (width 8, 1 fine-tuning epoch); chance is 0.5
-    assert report["poison_in_poison_set_pct"] > report["poison_in_clean_set_pct"]
+    # measured (docs/testing.md): AUROC 0.98 with one thread, 0.92 with two (another model: the
+    # reductions differ); D_p - D_c purity 97 / 90 points; chance is 0.5 and 0 points
+    assert margin("median Delta poisoned / clean", np.median(poison) / max(np.median(clean), 1e-12), "> 1") > 1
+    assert margin("AUROC", report["auroc"], "> 0.8") > 0.8
+    assert margin("D_p % poisoned - D_c % poisoned",
+                  report["poison_in_poison_set_pct"] - report["poison_in_clean_set_pct"], "> 50") > 50
 
 
 def test_rerun_overwrites_fct_files_instead_of_appending(sd_run):

@@ -110,3 +110,34 @@ def test_unreadable_or_missing_checkpoint_is_a_user_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError):
         read_checkpoint(bad)
+
+
+def test_subsampled_pointwise_conv_is_the_strided_one():
+    """Same output and gradients as nn.Conv2d(k=1, stride 2), on odd and even sizes, any layout (the
+    reference runs on NCHW input: its channels-last backward is the one that corrupts memory)."""
+    from models.resnet import SubsampledPointwiseConv
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(8, 16, 1, 2, bias=False)
+    sub = SubsampledPointwiseConv(8, 16, 1, 2, bias=False)
+    sub.load_state_dict(ref.state_dict())
+    for hw in (15, 16):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.rand(5, 8, hw, hw).contiguous(memory_format=layout).requires_grad_()
+            y_ref, y_sub = ref(x.contiguous()), sub(x)
+            assert torch.allclose(y_ref, y_sub, atol=1e-6)
+            g_ref = torch.autograd.grad(y_ref.square().sum(), (x, ref.weight))
+            g_sub = torch.autograd.grad(y_sub.square().sum(), (x, sub.weight))
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_ref, g_sub))
+
+
+def test_narrow_network_trains_an_odd_batch_with_two_threads():
+    """The width-8 test network, channels-last, batch 75, 2 threads: the case that crashed torch's
+    strided 1x1 convolution backward (see models/resnet.SubsampledPointwiseConv)."""
+    import subprocess
+    import sys
+    code = ("import torch; from models import build_model; torch.set_num_threads(2);"
+            "m = build_model('resnet18', 10, [0.5] * 3, [0.25] * 3, 8, True, False).to(memory_format=torch.channels_last);"
+            "x = torch.rand(75, 3, 32, 32).contiguous(memory_format=torch.channels_last);"
+            "[m(x).sum().backward() for _ in range(3)]; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-500:]

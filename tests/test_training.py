@@ -64,11 +64,14 @@ def test_own_trigger_asset_gets_its_own_folder(tmp_path):
     assert folder("--trigger_type", "gridTrigger", "--blend_image", "imgs/my_cat.png") == "gridTrigger"  # unused
 
 
-def test_learns_the_backdoor(trained):
+def test_learns_the_backdoor(trained, margin):
     _, run_dir = trained
     log = pd.read_csv(run_dir / "log.csv")
     assert log["Epoch"].tolist() == list(range(EPOCHS))
     last = log.iloc[-1]
+    for name, value, bound in (("ASR", last["Test_ASR"], "> 90"), ("ASR0", last["Test_ASR0"], "< 20"),
+                               ("ACC", last["Test_ACC"], "> 90"), ("Train_ASR", last["Train_ASR"], "> 80")):
+        margin(name, value, bound)
     assert last["Test_ASR"] > 90, log.to_string()
     assert last["Test_ASR0"] < 20, "the model predicts the target because of the trigger, not by default"
     assert last["Test_ACC"] > 90
@@ -97,7 +100,7 @@ def test_rerun_refuses_and_leaves_files_alone(trained):
     assert snapshot(run_dir) == before
 
 
-def test_resume_continues_at_the_next_epoch(trained, tmp_path):
+def test_resume_continues_at_the_next_epoch(trained, tmp_path, margin):
     root, run_dir = trained
     copy = tmp_path / "saved"
     shutil.copytree(root, copy)
@@ -110,7 +113,7 @@ def test_resume_continues_at_the_next_epoch(trained, tmp_path):
     assert read_checkpoint(new_dir / f"{EPOCHS}.tar")["epoch"] == EPOCHS
     # the optimiser and schedule state came back: the lr continues the cosine curve
     assert new_log["LR"].iloc[-1] == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi * EPOCHS / 100)), abs=1e-4)
-    assert new_log["Test_ASR"].iloc[-1] > 90
+    assert margin("ASR after the resumed epoch", new_log["Test_ASR"].iloc[-1], "> 90") > 90
 
 
 def test_overwrite_starts_again(trained, tmp_path):

@@ -76,9 +76,12 @@ holdout_share = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 def _add_data(p):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
-    g.add_argument("--data_root", default="./dataset/", help="where CIFAR is downloaded / ImageNet subset lives")
+    g.add_argument("--data_root", default="./dataset/",
+                   help="where CIFAR is downloaded / the ImageNet subset lives / an image-folder --data_file is cached")
     g.add_argument("--data_file", default=None,
-                   help="an .npz with uint8 HWC arrays x_train y_train x_test y_test; overrides the download")
+                   help="an .npz with uint8 HWC arrays x_train y_train x_test y_test, or an image folder (a folder, "
+                        ".tar or .tar.gz with train/<class>/* and test/<class>/*, labels from the sorted class "
+                        "names), decoded once into <data_root>/<name>-<fingerprint>.npz; overrides the download")
     g.add_argument("--num_workers", type=nonneg_int, default=2, help="loader workers (ImageNet folder reading only)")
     g.add_argument("--seed", type=nonneg_int, default=DEFAULT_SEED, help="fixes the poisoned indices and all randomness")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

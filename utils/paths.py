@@ -12,9 +12,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def dataset_tag(args):
+    """``cifar10``, or ``cifar10-<data file's name>`` (without .npz / .tar / .tar.gz)."""
+    from utils.image_folder import source_stem
     tag = args.dataset
     if getattr(args, "data_file", None):
-        tag += "-" + Path(args.data_file).stem
+        tag += "-" + source_stem(args.data_file)
     return tag
 
 
