@@ -2,12 +2,14 @@
 # Reproduce the paper's tables: for each attack, the numbered steps of the paper-readme in order
 # (clean model for CL, withTrans backdoored model, SD steps 1-5, D-BR, D-ST), then the report.
 #
-#   bash run_all.sh [--quick] [--attacks "badnets blend" | all] [--dataset cifar10] [--data_file F.npz|F.tar.gz|DIR]
+#   bash run_all.sh [--quick | --full_w16] [--attacks "badnets blend" | all] [--dataset cifar10] [--data_file F.npz|F.tar.gz|DIR]
 #                   [--device auto|cpu|cuda] [--save_root DIR] [--epoch_scale X] [--st_epochs N] [--seed N]
 #                   [--results_dir results] [--skip_dst]
 #
 # --quick: CPU scale (ResNet-18 --width 16, epochs scaled as README.md explains), on the synthetic
 #          dataset unless --data_file is given; attacks BadNets and Blend-Strip unless --attacks.
+# --full_w16: the paper's SD and D-BR on the full CIFAR-10 (--data_file cifar10_jpeg.tar.gz) at CPU
+#          scale: only the victim is scaled (width 16, 20 withTrans epochs, lr x 0.1 at 10 and 15).
 # --skip_dst: stop each attack after D-BR (the D-ST columns of the report stay empty).
 # A step whose output is complete is skipped (an interrupted run resumes); the first failing step
 # stops the run and names its log.
@@ -15,14 +17,15 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
-QUICK=0; ATTACKS=""; DATASET=""; DATA_FILE=""; DEVICE=auto; SAVE_ROOT=./saved; SCALE=1; ST_EPOCHS=""; RESULTS_DIR=results
+QUICK=0; RECIPE=paper; ATTACKS=""; DATASET=""; DATA_FILE=""; DEVICE=auto; SAVE_ROOT=./saved; SCALE=1; ST_EPOCHS=""; RESULTS_DIR=results
 SEED=""; SKIP_DST=0
 die() { echo "run_all.sh: $* (see --help)" >&2; exit 2; }
 # value FLAG ARGS...: the value after FLAG, refused when missing or when it is the next flag
 value() { [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || die "$1 needs a value"; printf '%s' "$2"; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --quick) QUICK=1 ;;
+    --quick) QUICK=1; RECIPE=quick ;;
+    --full_w16) RECIPE=full_w16 ;;
     --attacks) ATTACKS=$(value "$@") || exit 2; shift ;;
     --dataset) DATASET=$(value "$@") || exit 2; shift ;;
     --data_file) DATA_FILE=$(value "$@") || exit 2; shift ;;
@@ -33,7 +36,7 @@ while [ $# -gt 0 ]; do
     --results_dir) RESULTS_DIR=$(value "$@") || exit 2; shift ;;
     --seed) SEED=$(value "$@") || exit 2; shift ;;           # poisoned set and training seed (default: the scripts' 1000)
     --skip_dst) SKIP_DST=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#'; exit 0 ;;
     *) die "unknown option $1" ;;
   esac
   shift
@@ -70,6 +73,8 @@ else
   : "${DATASET:=cifar10}"
   WIDTH=64
   E_NOTRANS=2; E_FT=10; E_WITH=200; SCHED_WITH="100 150"; E_CLEAN=200
+  # full_w16: what 2 CPU cores cannot afford at 50,000 images is the victim's width and epochs
+  [ "$RECIPE" = full_w16 ] && { WIDTH=16; E_WITH=20; SCHED_WITH="10 15"; E_CLEAN=20; }
   SD_FLAGS=""; SPLIT=(--clean_ratio 0.2 --poison_ratio 0.05)
   E_DBR=20; DBR_FLAGS="--lr 1e-4"
   ST_FLAGS="--epochs 200"; E_CLS=10; CLS_FLAGS=""
@@ -99,7 +104,7 @@ COMMON=(--dataset "$DATASET" --width "$WIDTH" --device "$DEVICE" --save_root "$S
 [ -n "$SEED" ] && COMMON+=(--seed "$SEED")
 DATA_NAME=$(basename "${DATA_FILE:-x}"); for suffix in .npz .tar.gz .tgz .tar; do DATA_NAME=${DATA_NAME%"$suffix"}; done
 TAG=$DATASET${DATA_FILE:+-$DATA_NAME}${SEED:+-seed$SEED}
-RUN_DIR=$SAVE_ROOT/run_all/$TAG; [ "$QUICK" = 1 ] && RUN_DIR+=_quick
+RUN_DIR=$SAVE_ROOT/run_all/$TAG; [ "$RECIPE" = paper ] || RUN_DIR+=_$RECIPE
 mkdir -p "$SAVE_ROOT" 2>/dev/null && [ -w "$SAVE_ROOT" ] || die "--save_root $SAVE_ROOT cannot be created or written"
 # one run_all.sh per save root: the lock (flock) goes with the process that holds it, however it ends
 exec 9<>"$SAVE_ROOT/.run_all.lock"
@@ -160,4 +165,4 @@ for attack in $ATTACKS; do
 done
 
 $PY report_results.py "${COMMON[@]}" "${SPLIT[@]}" --attacks $ATTACKS --times "$RUN_DIR/times.csv" --out_dir "$RESULTS_DIR" \
-    --name "$DATASET${SEED:+_seed$SEED}$([ "$QUICK" = 1 ] || echo _full)"
+    --name "$DATASET${SEED:+_seed$SEED}$(case $RECIPE in quick) ;; paper) echo _full ;; *) echo "_$RECIPE" ;; esac)"
