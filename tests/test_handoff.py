@@ -1,6 +1,6 @@
 """The files one step hands to the next: a missing, truncated or foreign file is named in a one-line
 error before anything is written, and an output made with other settings is never replaced
-without --overwrite (on a copy of the session's tiny SD chain, tests/conftest.py)."""
+without --overwrite (on a copy of the suite's tiny SD chain, tests/conftest.py)."""
 import json
 import shutil
 

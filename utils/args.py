@@ -59,7 +59,6 @@ def _number(kind, test, wanted):
         if value != value or not test(value):  # value != value: NaN
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
-    parse.__name__ = wanted  # what argparse names in "invalid <type> value"
     return parse
 
 
