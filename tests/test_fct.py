@@ -208,3 +208,18 @@ def test_tau_study_reproduces_the_split_of_the_chain_and_writes_nothing(sd_run):
     assert sorted(root.rglob("*")) == before
     with pytest.raises(UserError, match="not TRANS1"):
         tau_study.parse_tau("rotate+spin")
+
+
+def test_fct_plot_counts_the_zeros_and_keeps_a_small_poison_set_visible():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from utils.plots import plot_fct
+    rng = np.random.default_rng(0)
+    clean = np.concatenate([np.zeros(4000), rng.gamma(2, 0.01, 500)])   # a collapsed model: most Delta = 0
+    poison = 10 + rng.random(45)
+    fig, ax = plt.subplots()
+    plot_fct(ax, clean, poison, "collapsed")
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert any("4,000 clean, 0 poisoned" in t.get_text() for t in ax.texts)
+    plt.close(fig)

@@ -9,24 +9,36 @@ ATTACK_NAMES = {"gridTrigger": "BadNets", "squareTrigger": "BadNets (square)", "
 
 
 def plot_fct(ax, clean, poison, title, gammas=None):
-    """Draw the two histograms on ``ax`` (shared by the results report's figure grid)."""
+    """Draw the two histograms on ``ax`` (shared by the results report's figure grid).
+
+    A logarithmic Delta axis when the values span several decades; then the samples with Delta
+    exactly 0 (most clean ones after a collapsed L_intra fine-tuning) are drawn in the first bin and
+    counted in a note on the plot. A logarithmic count axis when one group is over 10x the other
+    (a 500-sample clean-label poison set beside 49,500 clean samples), so both stay visible."""
     allv = np.concatenate([clean, poison])
     positive = allv[allv > 0]
     log = len(positive) > 0 and positive.max() / max(np.percentile(positive, 1), 1e-12) > 100
     if log:
         lo = max(np.percentile(positive, 0.5), 1e-6)
         bins = np.logspace(np.log10(lo), np.log10(positive.max()), 60)
+        zeros = int((clean <= 0).sum()), int((poison <= 0).sum())
+        if sum(zeros):
+            ax.text(0.02, 0.97, f"$\\Delta$ = 0 exactly (first bin): {zeros[0]:,} clean, {zeros[1]:,} poisoned",
+                    transform=ax.transAxes, fontsize=7, va="top")
         clean, poison = np.clip(clean, lo, None), np.clip(poison, lo, None)
         ax.set_xscale("log")
     else:
         bins = np.linspace(allv.min(), allv.max(), 60)
+    counts_log = min(len(clean), len(poison)) > 0 and max(len(clean), len(poison)) > 10 * min(len(clean), len(poison))
+    if counts_log:
+        ax.set_yscale("log")
     ax.hist(clean, bins=bins, alpha=0.6, color="tab:blue", label=f"clean ({len(clean)})")
     ax.hist(poison, bins=bins, alpha=0.6, color="tab:red", label=f"poisoned ({len(poison)})")
     for value, name, style in zip(gammas or (), ("$\\gamma_c$", "$\\gamma_p$"), ("--", ":")):
         if value is not None and np.isfinite(value):
             ax.axvline(max(value, bins[0]), color="k", linestyle=style, label=f"{name} = {value:.3g}")
     ax.set_xlabel("FCT  $\\Delta_{trans}(x;\\tau,f)$" + (" (log scale)" if log else ""))
-    ax.set_ylabel("number of samples")
+    ax.set_ylabel("number of samples" + (" (log scale)" if counts_log else ""))
     ax.set_title(title)
     ax.legend(fontsize=8)
 
