@@ -39,7 +39,7 @@ def main(args):
                           guarded=[out[k] for k in ("all", "clean", "poison", "values")])
     rt = make_runtime(args, resolve_device(args))
     print_header("calculate_consistency.py", args)
-    values, train_set, ckpt, seconds = compute_fct(args, rt, args.batch_size)
+    values, train_set, _, seconds = compute_fct(args, rt, args.batch_size, checkpoint=ckpt)
     is_clean = train_set.is_clean.numpy()
     save_fct(ckpt, values, is_clean, settings)
     print(f"Delta of {len(values)} samples in {seconds:.1f} s (tau = {args.trans1} + {args.trans2})")

@@ -15,9 +15,10 @@ import numpy as np
 from utils.args import build_parser as shared_parser, describe_args, resolve_device, validate_args
 from utils.errors import UserError, run_main
 from utils.fct import compute_fct, fct_checkpoint, fct_outputs, split_by_rank, split_by_threshold, split_report
-from utils.files import lock_folder, read_json, read_npy, refuse_other_settings, unlock_folder
+from utils.checkpoint import run_meta
+from utils.files import folder_lock, read_json, read_npy, refuse_other_settings
 from utils.logger import print_header
-from utils.paths import dataset_tag, split_dir
+from utils.paths import split_dir
 from utils.split import SET_NAMES, save_split
 from utils.train import make_runtime
 
@@ -72,22 +73,20 @@ def main(args):
         args.batch_size = FCT_BATCH
     folder = split_dir(args)
     check_earlier_split(folder, args)  # before any work
-    out = fct_outputs(fct_checkpoint(args))
+    ckpt = fct_checkpoint(args)
+    out = fct_outputs(ckpt)
     earlier = read_npy(out["values"], "the Delta file") if Path(out["values"]).exists() else None
     gamma_file = Path(out["gamma"])
     if gamma_file.exists():
         read_json(gamma_file, "the thresholds")  # a damaged file is named now, not after the work
-    lock_folder(folder)
-    try:
-        return _separate(args, folder, earlier, gamma_file)
-    finally:
-        unlock_folder(folder)
+    with folder_lock(folder):
+        return _separate(args, folder, ckpt, earlier, gamma_file)
 
 
-def _separate(args, folder, earlier, gamma_file):
+def _separate(args, folder, ckpt, earlier, gamma_file):
     rt = make_runtime(args, resolve_device(args))
     print_header("separate_samples.py", args)
-    values, train_set, ckpt, seconds = compute_fct(args, rt, args.batch_size)
+    values, train_set, _, seconds = compute_fct(args, rt, args.batch_size, checkpoint=ckpt)
     if earlier is not None:
         if earlier.shape != values.shape:
             raise UserError(f"the Delta file beside {ckpt} holds {earlier.shape} values, this training set "
@@ -99,8 +98,7 @@ def _separate(args, folder, earlier, gamma_file):
               # D_c by training label: the rank split over-represents the target class (D-ST learns that as a prior)
               "clean_set_class_counts": np.bincount(train_set.labels.numpy()[sets["clean"]],
                                                     minlength=args.num_classes).tolist()}
-    meta = describe_args(args)
-    meta["data_tag"] = dataset_tag(args)
+    meta = run_meta(args)
     save_split(folder, train_set, sets, report, meta)
     for name, key in (("clean", "clean"), ("poison", "poison"), ("suspicious", "uncertain")):
         print(f"{SET_NAMES[name]}: {len(sets[name]):5d} samples, {report[f'poison_in_{key}_set_pct']:.2f}% poisoned")

@@ -175,7 +175,8 @@ def main(args):
     best_path, last_path, log_path, selected_path = output_paths(args, victim)
     if not args.overwrite and any(p.exists() for p in (best_path, last_path, selected_path)):
         raise UserError(f"{best_path} already exists; pass --overwrite or another --checkpoint_save")
-    lock_folder(best_path.parent, f".{best_path.stem}.lock")  # one D-BR at a time on these outputs
+    lock = (best_path.parent, f".{best_path.stem}.lock")
+    lock_folder(*lock)  # one D-BR at a time on these outputs
     print_header("unlearn_relearn.py", args)
     seed_everything(args.seed)
     _, tests = load_attack_data(args, rt)
@@ -248,7 +249,7 @@ def main(args):
               f"{format_metrics(metrics)}")
         keep_improved(epoch, metrics)
     save_checkpoint(last_path, args, model, epoch=args.epochs - 1, selection="last epoch")
-    unlock_folder(best_path.parent, f".{best_path.stem}.lock")
+    unlock_folder(*lock)
     best, chosen = kept[TEST_RULE], kept.get(SELECTED)
     print(f"best ACC - ASR (chosen on the backdoor TEST set, as the paper did): epoch {best['epoch']}  "
           f"{format_metrics(best['metrics'])}  -> {best_path}")

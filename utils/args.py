@@ -218,10 +218,10 @@ def validate_args(args):
             raise UserError(f"trigger '{args.trigger_type}' is not for {args.dataset}; "
                             + ("use squareTrigger_imagenet or signalTrigger_imagenet"
                                if args.dataset == "imagenet" else "the _imagenet triggers need --dataset imagenet"))
-    for flag in ("save_root", "st_root", "log", "checkpoint_save"):
+    for flag, folder_of in (("save_root", Path), ("st_root", Path), ("log", lambda p: Path(p).parent),
+                            ("checkpoint_save", lambda p: Path(p).parent)):
         if getattr(args, flag, None):
-            check_creatable(Path(getattr(args, flag)) if flag.endswith("root") else Path(getattr(args, flag)).parent,
-                            f"--{flag}")
+            check_creatable(folder_of(getattr(args, flag)), f"--{flag}")
     if hasattr(args, "trigger_type"):
         from utils.triggers import asset_fingerprint
         args.trigger_asset = asset_fingerprint(args)  # recorded in checkpoints and splits

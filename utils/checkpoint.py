@@ -19,10 +19,14 @@ MODEL_KEYS = ("dataset", "model", "width")
 ATTACK_KEYS = ("data_tag", "poison_rate", "target_type", "target_label", "trigger_type", "seed", "trigger_asset")
 
 
+def run_meta(args):
+    """The arguments as saved beside every output (checkpoints, splits, FCT settings), with the data tag."""
+    return {**describe_args(args), "data_tag": dataset_tag(args)}
+
+
 def save_checkpoint(path, args, model, optimizer=None, scheduler=None, epoch=None, **extra):
     path = Path(path)
-    meta = describe_args(args)
-    meta["data_tag"] = dataset_tag(args)
+    meta = run_meta(args)
     state = {"model": model.state_dict(), "epoch": epoch, "args": meta, **extra}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
@@ -44,8 +48,7 @@ def read_checkpoint(path):
 def check_compatible(ckpt, args, keys, path="checkpoint"):
     """Raise a UserError naming the first setting in which checkpoint and run disagree."""
     saved = ckpt.get("args", {})
-    current = describe_args(args)
-    current["data_tag"] = dataset_tag(args)
+    current = run_meta(args)
     for key in keys:
         if key in saved and key in current and saved[key] != current[key]:
             raise UserError(mismatch_message(path, key, saved[key], current[key]))

@@ -156,33 +156,34 @@ def fct_outputs(checkpoint_path):
 
 def fct_settings(args):
     """What makes Delta what it is besides the checkpoint (whose folder holds it): <e>_fct.json."""
-    from utils.args import describe_args
-    from utils.paths import dataset_tag
-    current = {**describe_args(args), "data_tag": dataset_tag(args)}
+    from utils.checkpoint import run_meta
+    current = run_meta(args)
     return {k: current.get(k) for k in FCT_SETTINGS}
 
 
-def load_fct_inputs(args, rt):
+def load_fct_inputs(args, rt, checkpoint=None):
     """The fine-tuned SD model (checked against args) and the poisoned training set it is measured on.
+    checkpoint: fct_checkpoint(args), when the caller has resolved it already.
 
     Returns (model on the device, train_set, checkpoint path)."""
     from utils.checkpoint import ATTACK_KEYS, check_compatible, model_from_checkpoint
     from utils.train import load_attack_data, prepare_model
-    path = fct_checkpoint(args)
+    path = checkpoint or fct_checkpoint(args)
     model, ckpt = model_from_checkpoint(path)
     check_compatible(ckpt, args, ("dataset",) + ATTACK_KEYS, path)
     train_set, _ = load_attack_data(args, rt)
     return prepare_model(model, rt), train_set, path
 
 
-def compute_fct(args, rt, batch_size=512, inputs=None):
+def compute_fct(args, rt, batch_size=512, inputs=None, checkpoint=None):
     """Delta for every training sample of args' attack (tau = args.trans1 + args.trans2), from the
-    fine-tuned SD model. inputs: load_fct_inputs' result, to measure several tau without reloading.
+    fine-tuned SD model. inputs: load_fct_inputs' result, to measure several tau without reloading;
+    checkpoint: the fine-tuned model's path, when the caller has resolved it.
 
     Returns (values, train_set, checkpoint path, seconds spent on Delta).
     """
     import time
-    model, train_set, path = inputs or load_fct_inputs(args, rt)
+    model, train_set, path = inputs or load_fct_inputs(args, rt, checkpoint)
     t0 = time.time()
     values = fct_values(model, train_set.images, rt, (args.trans1, args.trans2), args.seed, batch_size,
                         getattr(args, "fct_draws", 1))

@@ -4,6 +4,7 @@ output from being replaced by one made with other settings, and the lock of a ru
 Every reader turns a missing, truncated or foreign file into a one-line UserError naming the file;
 every writer writes to a temporary name and renames, so a killed step never leaves half a file.
 """
+import contextlib
 import fcntl
 import json
 import os
@@ -134,6 +135,16 @@ def lock_folder(folder, name=".lock"):
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[path] = [fd, 1]
     return path
+
+
+@contextlib.contextmanager
+def folder_lock(folder, name=".lock"):
+    """lock_folder for the duration of a ``with`` block."""
+    lock_folder(folder, name)
+    try:
+        yield
+    finally:
+        unlock_folder(folder, name)
 
 
 def unlock_folder(folder, name=".lock"):

@@ -54,11 +54,8 @@ def load_split(folder, args=None):
     if not (folder / "split_report.json").exists():
         raise UserError(f"the split in {folder} is incomplete (separate_samples.py was interrupted); run it again")
     if args is not None:
-        from utils.args import describe_args
-        from utils.paths import dataset_tag
-        current = describe_args(args)
-        current["data_tag"] = dataset_tag(args)
-        from utils.checkpoint import mismatch_message
+        from utils.checkpoint import mismatch_message, run_meta
+        current = run_meta(args)
         for key in META_KEYS:
             if key in current and meta.get(key) != current[key]:
                 raise UserError(mismatch_message(f"the split in {folder}", key, meta.get(key), current[key]))
