@@ -41,8 +41,9 @@ def make_kitty(size=128):
     and rasterised by Agg.
 
     The background is an 8 x 8 checkerboard of navy and yellow squares (4 pixels a square at 32 x 32).
-    A first version on a flat pink background was a weak trigger at the CPU scale (Blend-Kitty ASR
-    85-92% after 40 epochs, against the paper's ~99%); BENCHMARKS.md (session 6) compares the designs.
+    A thinner-lined cat on a flat pink background is a weak trigger at the CPU scale (Blend-Kitty ASR
+    85-92% after 40 epochs, against the paper's ~99%); BENCHMARKS.md ("Attacks' strength") compares
+    the designs.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -6,7 +6,8 @@ training version also needs PGD against a clean model) and SSBA (the encoder's s
 residual; trigger/ssba_encoder_cifar10.pt unless --ssba_encoder). Rows: the clean image, the poisoned image
 and the amplified difference, all upscaled with nearest neighbour so single pixels stay visible.
 
-    python trigger/make_preview.py                       # real subset if present, else synthetic data
+    python trigger/make_preview.py     # ../shared/data/cifar10_subset.npz if present, else synthetic data
+    python trigger/make_preview.py --dataset cifar10 --data_file path/to/cifar10_subset.npz
 """
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from utils.errors import UserError, run_main
 from utils.triggers import TriggerContext, apply_trigger
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = Path("/work/shared/data/cifar10_subset.npz")
+# The CIFAR-10 subset where the other commands look for it: ../shared/data beside the checkout.
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "cifar10_subset.npz"
 ATTACKS = [  # (title, trigger_type, split)
     ("BadNets-all2one\ngridTrigger", "gridTrigger", "train"),
     ("BadNets-all2all\nsquareTrigger", "squareTrigger", "train"),
