@@ -98,7 +98,7 @@ def subset_path():
 
 @pytest.fixture(scope="session")
 def sd_chain(tmp_path_factory):
-    """SD steps 1-5 once per test session on synthetic data with a planted trigger (20 % BadNets):
+    """SD steps 1-5 once per pytest run on synthetic data with a planted trigger (20 % BadNets):
     noTrans 9 epochs (learns the trigger at epoch 6), fine-tune 1 epoch, FCT, gamma, split.
     Returns (save_root, the FCT step's args, Delta values, gamma result, split report)."""
     root = tmp_path_factory.mktemp("sd") / "saved"

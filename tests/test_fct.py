@@ -136,7 +136,7 @@ def test_auroc_and_report():
 # ------------------------------------------------------------------ the scripts on a planted trigger
 @pytest.fixture
 def sd_run(sd_chain):
-    """The session's SD chain (tests/conftest.py): noTrans -> fine-tune -> FCT -> gamma -> split."""
+    """The SD chain shared by all tests (tests/conftest.py): noTrans -> fine-tune -> FCT -> gamma -> split."""
     return sd_chain
 
 

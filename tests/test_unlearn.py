@@ -41,7 +41,7 @@ def test_one_ascent_step_raises_the_loss_on_dp():
 
 @pytest.fixture(scope="module")
 def victim(sd_chain):
-    """A tiny withTrans model beside the session's SD split (synthetic data, 20 % BadNets)."""
+    """A tiny withTrans model beside the shared SD split (conftest.py) (synthetic data, 20 % BadNets)."""
     root = sd_chain[0]
     load_script("train_attack_withTrans").main(
         parse_script_args("train_attack_withTrans", root, "--poison_rate", 0.2, "--epochs", 2, "--lr", 0.05))
