@@ -11,14 +11,16 @@ import numpy as np
 
 from utils.args import build_parser as shared_parser, resolve_device, validate_args
 from utils.errors import run_main
-from utils.fct import auroc, compute_fct, fct_checkpoint, fct_outputs, fct_settings
+from utils.fct import auroc, compute_fct, fct_checkpoint, fct_settings
 from utils.files import refuse_other_settings, save_json, save_npy, save_txt
 from utils.logger import print_header
+from utils.paths import fct_outputs
 from utils.train import make_runtime
 
 
 def build_parser():
-    return shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), batch_size=512)
+    return shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), step="fct",
+                         batch_size=512)
 
 
 def save_fct(prefix, values, is_clean, settings):

@@ -7,12 +7,13 @@ ratios is replaced only with --overwrite.
 """
 from utils.args import build_parser as shared_parser, validate_args
 from utils.errors import run_main
-from utils.fct import fct_checkpoint, fct_outputs, thresholds
+from utils.fct import fct_checkpoint, thresholds
 from utils.files import read_txt_values, refuse_other_settings, save_json
+from utils.paths import fct_outputs
 
 
 def build_parser():
-    return shared_parser(__doc__, groups=("data", "attack", "model", "io", "sd"))
+    return shared_parser(__doc__, groups=("data", "attack", "model", "io", "sd"), step="gamma")
 
 
 def main(args):

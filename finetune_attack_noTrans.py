@@ -12,7 +12,7 @@ from utils.train import train_model
 
 
 def build_parser():
-    return shared_parser(__doc__, epochs=10, lr=0.01, save_freq=1)
+    return shared_parser(__doc__, step="finetune", save_freq=1)
 
 
 def main(args):

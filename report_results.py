@@ -14,7 +14,8 @@ import pandas as pd
 
 from utils.args import PAPER_ATTACKS as ATTACKS, build_parser as shared_parser, validate_args
 from utils.errors import run_main
-from utils.paths import REPO_ROOT, backdoor_dir, dataset_tag, split_dir, st_dir
+from utils.paths import REPO_ROOT, backdoor_dir, dataset_tag, fct_outputs, latest_checkpoint, split_dir, st_dir
+from utils.recipes import RECIPES
 from utils.tables import to_markdown
 
 PAPER_CIFAR10 = {  # paper-readme.md: backdoored ACC/ASR, D-BR ACC/ASR, D-ST ACC/ASR
@@ -29,7 +30,7 @@ PAPER_CIFAR10 = {  # paper-readme.md: backdoored ACC/ASR, D-BR ACC/ASR, D-ST ACC
 
 
 def build_parser():
-    p = shared_parser(__doc__, groups=("data", "model", "io", "sd"))
+    p = shared_parser(__doc__, groups=("data", "model", "io", "sd"), step="report")
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     p.add_argument("--times", default=None, help="run_all.sh's times.csv (attack,step,seconds)")
     p.add_argument("--out_dir", default=str(REPO_ROOT / "results"))
@@ -75,12 +76,12 @@ def collect(args, attack):
 
 
 def fct_files(a):
-    """The newest epoch's <n>_clean.txt / <n>_poison.txt of the fine-tuned SD model, if any."""
-    folder = backdoor_dir(a, "noTrans_ftsimi")
-    epochs = [int(p.name.split("_")[0]) for p in folder.glob("*_clean.txt") if p.name.split("_")[0].isdigit()]
-    if not epochs:
+    """The FCT values (clean, poisoned) of the newest fine-tuned SD model, if it has them."""
+    ckpt = latest_checkpoint(backdoor_dir(a, "noTrans_ftsimi"))
+    if ckpt is None:
         return None
-    files = [folder / f"{max(epochs)}_clean.txt", folder / f"{max(epochs)}_poison.txt"]
+    out = fct_outputs(ckpt)
+    files = [Path(out["clean"]), Path(out["poison"])]
     return files if all(f.exists() for f in files) else None
 
 
@@ -116,6 +117,7 @@ def main(args):
     tag = args.name or dataset_tag(args) + ("" if args.width == 64 else f"_w{args.width}")
     lines = [f"# Results: {dataset_tag(args)}, ResNet-18 width {args.width}", ""]
     lines += [args.note, ""] if args.note else []
+    lines += [f"Recipe `{args.recipe}` (utils/recipes.py): {RECIPES[args.recipe]['about']}.", ""]
     lines += ["ACC on the whole clean test split; ASR on the backdoor test set; ASR0 = how often the model "
              "predicts the attack target on the clean versions of the backdoor test images (its base rate). "
              "D-BR: last epoch (no test-set selection) and, as the paper did, the epoch with the best "

@@ -14,11 +14,11 @@ import numpy as np
 
 from utils.args import build_parser as shared_parser, describe_args, resolve_device, validate_args
 from utils.errors import UserError, run_main
-from utils.fct import compute_fct, fct_checkpoint, fct_outputs, split_by_rank, split_by_threshold, split_report
+from utils.fct import compute_fct, fct_checkpoint, split_by_rank, split_by_threshold, split_report
 from utils.checkpoint import run_meta
 from utils.files import folder_lock, read_json, read_npy, refuse_other_settings
 from utils.logger import print_header
-from utils.paths import split_dir
+from utils.paths import fct_outputs, split_dir
 from utils.split import SET_NAMES, save_split
 from utils.train import make_runtime
 
@@ -26,7 +26,8 @@ FCT_BATCH = 512
 
 
 def build_parser():
-    return shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), batch_size=FCT_BATCH)
+    return shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), step="split",
+                         batch_size=FCT_BATCH)
 
 
 def choose_sets(args, values, gamma_file):

@@ -10,7 +10,7 @@ from utils.train import train_model
 
 
 def build_parser():
-    return shared_parser(__doc__, epochs=2, lr=0.01, save_freq=1)
+    return shared_parser(__doc__, step="noTrans", save_freq=1)
 
 
 def main(args):

@@ -11,7 +11,7 @@ from utils.train import train_model
 
 
 def build_parser():
-    return shared_parser(__doc__, epochs=200, lr=0.01, schedule=[100, 150], save_freq=20)
+    return shared_parser(__doc__, step="clean_model", save_freq=20)
 
 
 def main(args):

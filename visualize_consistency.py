@@ -8,13 +8,14 @@ from pathlib import Path
 
 from utils.args import build_parser as shared_parser, validate_args
 from utils.errors import run_main
-from utils.fct import fct_checkpoint, fct_outputs
+from utils.fct import fct_checkpoint
 from utils.files import read_json, read_txt_values
+from utils.paths import fct_outputs
 from utils.plots import ATTACK_NAMES, plot_fct
 
 
 def build_parser():
-    return shared_parser(__doc__, groups=("data", "attack", "model", "io", "sd"))
+    return shared_parser(__doc__, groups=("data", "attack", "model", "io", "sd"), step="plot")
 
 
 def main(args):

@@ -24,7 +24,7 @@ COLUMNS = ["Test_ACC", "Test_ASR", "Test_ASR0", "Test_R-ACC", "Test_ACC_nontarge
 
 def build_parser():
     # the optimisation flags name the classifier run whose last.pth is tested by default
-    p = shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), lr=5.0, weight_decay=0.0,
+    p = shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), step="st_test", lr=5.0, weight_decay=0.0,
                       batch_size=512)
     g = add_st_flags(p, "test")
     g.add_argument("--model_ckpt", default=None,
@@ -53,7 +53,7 @@ def main(args):
     row = {k: m[k] for k in COLUMNS[:5]}
     row.update({"Seconds": time.time() - t0, "model_ckpt": str(model_path), "classifier_ckpt": str(classifier_path)})
     log_path = args.log or st_run_root(args) / "test.csv"
-    CSVLogger(log_path, COLUMNS, append=True).write(row)
+    CSVLogger(log_path, COLUMNS, append=True, recipe=args.recipe).write(row)
     print(f"written {log_path}")
     return row
 

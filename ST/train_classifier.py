@@ -30,7 +30,7 @@ LOG_COLUMNS = ["Epoch", "Train_Loss", "Train_ACC_Dc", "Train_ACC_Dp", "Test_ACC"
 
 
 def build_parser():
-    p = shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), epochs=10, lr=5.0,
+    p = shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), step="st_classifier", lr=5.0,
                       weight_decay=0.0, batch_size=512, save_freq=1)
     g = add_st_flags(p, "classifier")
     g.add_argument("--ckpt", default=None,
@@ -82,7 +82,7 @@ def main(args):
                                 weight_decay=args.weight_decay)
     lr_at = lambda t: (warmup_cosine_lr(t, args.epochs, args.lr, args.warm_epochs, args.warmup_from)  # noqa: E731
                        if args.cosine or t < args.warm_epochs else args.lr)
-    logger = CSVLogger(args.log or run_dir / "log.csv", LOG_COLUMNS)
+    logger = CSVLogger(args.log or run_dir / "log.csv", LOG_COLUMNS, recipe=args.recipe)
     g = generator(args.seed)
     class_weight = None
     if args.balance_classes:

@@ -28,7 +28,7 @@ LOG_COLUMNS = ["Epoch", "Train_Loss", "LR", "Seconds", "Epochs"]
 
 
 def build_parser():
-    p = shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), epochs=200,
+    p = shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), step="st_extractor",
                       lr=EXTRACTOR_DEFAULTS["lr"], weight_decay=EXTRACTOR_DEFAULTS["weight_decay"],
                       batch_size=EXTRACTOR_DEFAULTS["batch_size"], save_freq=20)
     g = add_st_flags(p, "extractor")
@@ -73,7 +73,7 @@ def main(args):
     print(f"{summary}\nrun folder: {run_dir}\n{len(data.labels)} training images, device {rt.device}")
     model, optimizer, start = set_model(args, rt, resume, run_dir)
     logger = CSVLogger(args.log or run_dir / "log.csv", LOG_COLUMNS, append=resume is not None,
-                       resume_after=start - 1 if resume is not None else None)
+                       resume_after=start - 1 if resume is not None else None, recipe=args.recipe)
     g = generator(args.seed)
     if resume is not None:                              # the batch order and views continue bit for bit
         restore_rng(g, resume, run_dir / "last.pth")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the step scripts live at the repository root
 
+from utils import recipes
 from utils.args import PAPER_ATTACKS
-
 
 
 class Suite:
@@ -54,23 +54,28 @@ class Suite:
         return argv + (["--data_file", self.opt.data_file] if self.opt.data_file else ["--dataset", "synthetic"])
 
     def e(self, n):
-        return str(max(1, round(n * self.opt.epoch_scale)))
+        return str(recipes.scaled_epochs(n, self.opt.epoch_scale))
+
+    def epochs(self, name, step):
+        """--epochs when --epoch_scale changes recipe NAME's count for STEP (as run_all.sh), else nothing."""
+        epochs = recipes.settings(name, step).get("epochs")
+        return ["--epochs", self.e(epochs)] if epochs is not None and self.opt.epoch_scale != 1 else []
 
     # ------------------------------------------------------------------ phases
     def main_phase(self, attack):
-        c = self.common(attack)
+        """The quick recipe's victim and SD models, then the paper's FCT split and D-BR at width 16."""
+        c = self.common(attack) + ["--recipe", "quick"]
         if attack == "cl":
-            self.run(attack, "clean_model", "train_clean_withTrans",
-                     c + ["--epochs", self.e(40), "--schedule", self.e(20), self.e(30), "--overwrite"])
-        self.run(attack, "withTrans_w16", "train_attack_withTrans",
-                 c + ["--epochs", self.e(40), "--schedule", self.e(20), self.e(30), "--overwrite"])
-        self.run(attack, "sd1_noTrans", "train_attack_noTrans", c + ["--epochs", self.e(20), "--overwrite"])
-        self.run(attack, "sd2_finetune", "finetune_attack_noTrans", c + ["--epochs", self.e(10), "--overwrite"])
+            self.run(attack, "clean_model", "train_clean_withTrans", c + self.epochs("quick", "clean_model") + ["--overwrite"])
+        self.run(attack, "withTrans_w16", "train_attack_withTrans", c + self.epochs("quick", "withTrans") + ["--overwrite"])
+        self.run(attack, "sd1_noTrans", "train_attack_noTrans", c + self.epochs("quick", "noTrans") + ["--overwrite"])
+        self.run(attack, "sd2_finetune", "finetune_attack_noTrans", c + self.epochs("quick", "finetune") + ["--overwrite"])
+        c = self.common(attack) + ["--recipe", "paper", "--width", "16"]
         self.run(attack, "sd3_fct", "calculate_consistency", c)
         self.run(attack, "sd4_gamma", "calculate_gamma", c)
         self.run(attack, "sd3_plot", "visualize_consistency", c)
         self.run(attack, "sd5_split", "separate_samples", c)
-        self.run(attack, "dbr_faithful_e20", "unlearn_relearn", c + ["--epochs", self.e(20), "--overwrite"])
+        self.run(attack, "dbr_faithful_e20", "unlearn_relearn", c + self.epochs("paper", "dbr") + ["--overwrite"])
 
     def study_phase(self, attack):
         c = self.common(attack)

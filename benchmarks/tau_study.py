@@ -3,7 +3,7 @@ writing anything): for each tau, Delta of every training sample, the rank split 
 --poison_ratio, and its quality against the ground truth.
 
   python -m benchmarks.tau_study --dataset cifar10 --data_file ../shared/data/cifar10_subset.npz \
-      --width 16 --trigger_type kittyTrigger --clean_ratio 0.5 --fct_draws 4 \
+      --recipe quick --trigger_type kittyTrigger \
       --taus rotate+affine flip+crop crop+none
 
 Takes every flag of calculate_consistency.py (the fine-tuned model is found the same way); --trans1
@@ -19,7 +19,8 @@ from utils.train import make_runtime
 
 
 def build_parser():
-    p = shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), batch_size=512)
+    p = shared_parser(__doc__, groups=("data", "attack", "model", "optim", "io", "sd"), step="fct",
+                       batch_size=512)
     p.add_argument("--taus", nargs="+", default=["rotate+affine", "flip+crop"],
                    help=f"tau as TRANS1+TRANS2 (or one name: TRANS+none); transforms: {', '.join(FCT_TRANSFORMS)}")
     return p

@@ -6,6 +6,7 @@ Dataset facts (classes, image size, normalisation) live in ``DATASETS`` and are 
 """
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,17 +162,51 @@ GROUPS = {"data": _add_data, "attack": _add_attack, "model": _add_model, "optim"
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2, a pointer to --help) and the checks that involve two
-    flags, so that every script refuses a bad command line before it writes anything."""
+    flags, so that every script refuses a bad command line before it writes anything.
+
+    A parser built for a step (``build_parser(..., step=...)``) has ``--recipe NAME``: the recipe's
+    settings for that step (utils/recipes.py) become the defaults, and a flag given explicitly wins.
+    The parsed arguments carry ``recipe`` (the name) and ``recipe_set`` (what it set)."""
+    step = None
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):
+        if self.step is not None:
+            args = sys.argv[1:] if args is None else list(args)
+            self._apply_recipe(_recipe_named(args))
         parsed, rest = super().parse_known_args(args, namespace)
         problem = cross_check(parsed)
         if problem:
             self.error(problem)
         return parsed, rest
+
+    def _apply_recipe(self, name):
+        from utils import recipes
+        if name not in recipes.RECIPES:
+            self.error(f"argument --recipe: invalid choice: {name!r} (choose from {', '.join(recipes.RECIPES)})")
+        own = {a.dest for a in self._actions}
+        values = {k: v for k, v in recipes.settings(name, self.step).items() if k in own}
+        # back to the defaults without a recipe first: a parser may parse more than once (tests)
+        for action in self._actions:
+            action.default = self._base_defaults.setdefault(action, action.default)
+        self._defaults = dict(self._base_parser_defaults)
+        self.set_defaults(**values, recipe=name, recipe_set=recipes.describe(name, values))
+
+
+def _recipe_named(argv):
+    """The value of --recipe in a command line (before parsing it: the recipe sets the defaults)."""
+    from utils.recipes import DEFAULT
+    name = DEFAULT
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--recipe" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--recipe="):
+            name = arg.split("=", 1)[1]
+    return name
 
 
 def cross_check(args):
@@ -192,12 +227,22 @@ def cross_check(args):
     return None
 
 
-def build_parser(description, groups=("data", "attack", "model", "optim", "io"), **defaults):
-    """The shared parser: the named flag groups, with script-specific defaults."""
+def build_parser(description, groups=("data", "attack", "model", "optim", "io"), step=None, **defaults):
+    """The shared parser: the named flag groups, with script-specific defaults. ``step`` (a name of
+    utils.recipes.STEPS) adds --recipe; the default recipe's settings show in --help."""
     parser = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name in groups:
         GROUPS[name](parser)
     parser.set_defaults(**defaults)
+    if step is not None:
+        from utils import recipes
+        parser.add_argument("--recipe", default=recipes.DEFAULT, choices=sorted(recipes.RECIPES),
+                            help="named settings of utils/recipes.py that set this script's defaults "
+                                 "(an explicit flag wins)")
+        parser.step = step
+        parser._base_defaults = {}  # action -> its default without a recipe
+        parser._base_parser_defaults = dict(parser._defaults)
+        parser._apply_recipe(recipes.DEFAULT)
     return parser
 
 

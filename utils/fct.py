@@ -145,15 +145,6 @@ def fct_checkpoint(args):
 FCT_SETTINGS = ("trans1", "trans2", "fct_draws", "seed", "trigger_asset", "data_tag")
 
 
-def fct_outputs(checkpoint_path):
-    """The files calculate_consistency.py writes beside the fine-tuned checkpoint ``<e>.tar``."""
-    from utils.paths import fct_prefix
-    p = str(fct_prefix(checkpoint_path))
-    return {"all": f"{p}_all.txt", "clean": f"{p}_clean.txt", "poison": f"{p}_poison.txt",
-            "values": f"{p}_fct.npy", "settings": f"{p}_fct.json", "gamma": f"{p}_gamma.json",
-            "plot": f"{p}.jpg"}
-
-
 def fct_settings(args):
     """What makes Delta what it is besides the checkpoint (whose folder holds it): <e>_fct.json."""
     from utils.checkpoint import run_meta

@@ -16,12 +16,18 @@ class CSVLogger:
 
     resume_after=E (a resumed run whose checkpoint holds epoch E): rows of later epochs, written
     by the interrupted run after its last checkpoint, are dropped, so that every epoch is in the
-    log exactly once after the resume."""
+    log exactly once after the resume.
+    recipe=NAME adds a last column ``Recipe`` holding the recipe's name on every row (what it set is
+    in the run's checkpoints and its printed header). Appending to a log keeps that log's columns."""
 
-    def __init__(self, path, fieldnames, append=False, resume_after=None):
+    def __init__(self, path, fieldnames, append=False, resume_after=None, recipe=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fieldnames = list(fieldnames)
+        self.fieldnames = list(fieldnames) + (["Recipe"] if recipe else [])
+        self.recipe = recipe
+        if append and self.path.exists():
+            with open(self.path, newline="") as f:
+                self.fieldnames = next(csv.reader(f), None) or self.fieldnames
         if not (append and self.path.exists()):
             atomic_write(self.path, lambda tmp: self._write_rows(tmp, []))
         elif resume_after is not None:
@@ -38,6 +44,7 @@ class CSVLogger:
     def write(self, row):
         with open(self.path, "a", newline="") as f:
             w = csv.DictWriter(f, self.fieldnames, extrasaction="ignore")
+            row = {**row, "Recipe": self.recipe} if self.recipe else row
             w.writerow({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()})
 
 
@@ -66,5 +73,7 @@ def git_sha():
 def print_header(script, args):
     from utils.args import describe_args
     print(f"{script} (git {git_sha()})")
+    if getattr(args, "recipe_set", None):
+        print(f"  recipe {args.recipe_set}  (explicit flags win; the values used follow)")
     print("  " + " ".join(f"{k}={v}" for k, v in describe_args(args).items()
-                          if k not in ("mean", "std")))
+                          if k not in ("mean", "std", "recipe_set")))

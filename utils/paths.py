@@ -72,10 +72,27 @@ def split_dir(args):
             / f"{attack_tag(args)}_{_rate(args.clean_ratio)}_{_rate(args.poison_ratio)}")
 
 
-def fct_prefix(checkpoint_path):
-    """``.../9.tar`` -> ``.../9``: the FCT values, gamma JSON and histogram sit beside the checkpoint."""
-    p = Path(checkpoint_path)
-    return p.with_suffix("")
+def fct_outputs(checkpoint_path):
+    """The files of SD steps 3-5 beside the fine-tuned checkpoint ``.../<e>.tar``: ``<e>_all.txt``,
+    ``<e>_clean.txt``, ``<e>_poison.txt`` (Delta, one value per line), ``<e>_fct.npy`` (Delta by
+    training index), ``<e>_fct.json`` (its settings), ``<e>_gamma.json`` and the histogram ``<e>.jpg``."""
+    p = str(Path(checkpoint_path).with_suffix(""))
+    return {"all": f"{p}_all.txt", "clean": f"{p}_clean.txt", "poison": f"{p}_poison.txt",
+            "values": f"{p}_fct.npy", "settings": f"{p}_fct.json", "gamma": f"{p}_gamma.json",
+            "plot": f"{p}.jpg"}
+
+
+def dbr_outputs(args, victim):
+    """D-BR's files beside the backdoored model ``<dir>/<e>.tar`` (or at --checkpoint_save / --log):
+    the best-by-test model ``<e>_unlearn_purify.tar``, the last epoch's ``..._last.tar``, the held-out
+    selection's ``..._selected.tar``, the trigger estimate's picture and the log ``unlearn_purify.csv``."""
+    folder = Path(victim).parent
+    best = Path(args.checkpoint_save) if args.checkpoint_save else folder / f"{Path(victim).stem}_unlearn_purify.tar"
+    best = best.with_suffix(".tar")
+    return {"best": best, "last": best.with_name(best.stem + "_last.tar"),
+            "selected": best.with_name(best.stem + "_selected.tar"),
+            "trigger_picture": best.with_name(best.stem + "_trigger_estimate.png"),
+            "log": Path(args.log) if args.log else folder / "unlearn_purify.csv"}
 
 
 def st_dir(args):

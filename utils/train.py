@@ -167,10 +167,11 @@ def make_optimizer(args, params, lr=None):
                            weight_decay=args.weight_decay)
 
 
-def make_scheduler(optimizer, args, kind):
-    """'cosine': CosineAnnealingLR with --cosine_period; 'step': x --gamma at --schedule; 'constant'."""
+def make_scheduler(optimizer, args, kind, period=None):
+    """The per-epoch lr schedules: 'cosine' (CosineAnnealingLR over ``period`` epochs, default
+    --cosine_period); 'step' (x --gamma at --schedule); 'constant'."""
     if kind == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.cosine_period)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=period or args.cosine_period)
     if kind == "step":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.schedule, gamma=args.gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
@@ -240,10 +241,10 @@ def fit(args, model, train_set, tests, rt, run_dir, *, augment=None, criterion=c
 
 
 def _fit(args, model, train_set, tests, rt, run_dir, augment, criterion, schedule, desc, ckpt, resumed):
-    recipe = {"schedule": schedule, "augment": getattr(augment, "__name__", str(augment)),
-              "criterion": criterion.__name__}
-    if resumed and ckpt.get("recipe", recipe) != recipe:
-        raise UserError(f"the checkpoint was written by another step ({ckpt['recipe']}); "
+    loop = {"schedule": schedule, "augment": getattr(augment, "__name__", str(augment)),
+            "criterion": criterion.__name__}  # which step's loop wrote a checkpoint
+    if resumed and ckpt.get("loop", loop) != loop:
+        raise UserError(f"the checkpoint was written by another step ({ckpt['loop']}); "
                         "resume a run only with the script that made it")
     model = prepare_model(model, rt)
     optimizer = make_optimizer(args, model.parameters())
@@ -259,7 +260,8 @@ def _fit(args, model, train_set, tests, rt, run_dir, augment, criterion, schedul
         start = ckpt["epoch"] + 1 if resumed else 0
     save_poison_indices(run_dir, train_set, overwrite=args.overwrite and not resumed)
     log_path = args.log or run_dir / "log.csv"
-    logger = CSVLogger(log_path, TRAIN_COLUMNS, append=resumed, resume_after=start - 1 if resumed else None)
+    logger = CSVLogger(log_path, TRAIN_COLUMNS, append=resumed, resume_after=start - 1 if resumed else None,
+                       recipe=getattr(args, "recipe", None))
     data = place_train_data(rt, train_set.images, train_set.labels, train_set.gt_labels, train_set.is_clean)
     g = generator(args.seed)
     if resumed:
@@ -276,7 +278,7 @@ def _fit(args, model, train_set, tests, rt, run_dir, augment, criterion, schedul
         logger.write(row)
         print(f"epoch {epoch:3d}  loss {train_metrics['Train_Loss']:.4f}  {format_metrics(test_metrics)}  "
               f"({row['Seconds']:.1f} s)")
-        save_checkpoint(run_dir / f"{epoch}.tar", args, model, optimizer, scheduler, epoch, recipe=recipe,
+        save_checkpoint(run_dir / f"{epoch}.tar", args, model, optimizer, scheduler, epoch, loop=loop,
                         rng_state=g.get_state())
         _prune(run_dir, epoch - 1, args)
     return model
