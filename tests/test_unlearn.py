@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_flag_refused, load_script, parse_script_args
+from utils import dbr
 from utils.checkpoint import read_checkpoint
 from utils.errors import UserError
 from utils.paths import backdoor_dir
@@ -127,7 +128,6 @@ def _pair(n, poison, seed):
 def test_estimated_trigger_recovers_a_patch_and_a_blend():
     """estimate_trigger sees a patch as overwritten pixels (mask ~1) and a blend of weight a as mask ~a;
     stamping the estimate on unseen clean images reproduces the real trigger there."""
-    module = load_script("unlearn_relearn")
     patch = torch.zeros(3, 8, 8, dtype=torch.bool)
     patch[:, :2, :2] = True
 
@@ -135,32 +135,31 @@ def test_estimated_trigger_recovers_a_patch_and_a_blend():
         return torch.where(patch, 1.0, x)
 
     clean, poisoned = _pair(400, add_patch, 0)
-    trigger = module.estimate_trigger(poisoned, clean)
+    trigger = dbr.estimate_trigger(poisoned, clean)
     mask = trigger[1]
     assert mask[patch].min() > 0.9 and mask[~patch].mean() < 0.1
     fresh = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    stamped = module.stamp_trigger(fresh.clone(), trigger)
+    stamped = dbr.stamp_trigger(fresh.clone(), trigger)
     assert (stamped[:, patch] - 1).abs().max() < 0.05                  # the patch is there
     assert (stamped - fresh)[:, ~patch].abs().mean() < 0.05            # the rest is (nearly) untouched
 
     pattern = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(2))
     clean, poisoned = _pair(400, lambda x: 0.7 * x + 0.3 * pattern, 3)
-    trigger = module.estimate_trigger(poisoned, clean)
+    trigger = dbr.estimate_trigger(poisoned, clean)
     assert abs(trigger[1].median().item() - 0.3) < 0.08
-    error = (module.stamp_trigger(fresh.clone(), trigger) - (0.7 * fresh + 0.3 * pattern)).abs().mean()
+    error = (dbr.stamp_trigger(fresh.clone(), trigger) - (0.7 * fresh + 0.3 * pattern)).abs().mean()
     assert error < 0.35 * (fresh - (0.7 * fresh + 0.3 * pattern)).abs().mean()
 
 
 def test_stamping_touches_the_chosen_share_of_a_batch():
-    module = load_script("unlearn_relearn")
     trigger = (torch.full((3, 8, 8), 0.5), torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))   # add 0.5 everywhere
     x = torch.zeros(1000, 3, 8, 8)
-    out = module.stamping(None, trigger, 0.3)(x, generator(0))
+    out = dbr.stamping(None, trigger, 0.3)(x, generator(0))
     touched = (out != 0).flatten(1).any(1)
     assert 250 < touched.sum().item() < 350
-    again = module.stamping(None, trigger, 0.3)(x, generator(0))
+    again = dbr.stamping(None, trigger, 0.3)(x, generator(0))
     assert torch.equal(out, again)                                     # seeded
-    assert torch.equal(module.stamping(None, trigger, 0.0)(x, generator(0)), x)
+    assert torch.equal(dbr.stamping(None, trigger, 0.0)(x, generator(0)), x)
 
 
 def test_stamp_and_balance_flags_reach_the_relearning_pass(victim, tmp_path, monkeypatch, capsys):
@@ -198,30 +197,28 @@ def test_balanced_relearning_weights_every_class_the_same():
 
 
 def test_stamp_jitter_varies_the_strength_around_the_estimate():
-    module = load_script("unlearn_relearn")
     trigger = (torch.full((3, 8, 8), 0.4), torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))   # add 0.4 everywhere
     x = torch.full((500, 3, 8, 8), 0.2)
-    plain = module.stamping(None, trigger, 1.0)(x, generator(0))
+    plain = dbr.stamping(None, trigger, 1.0)(x, generator(0))
     assert torch.allclose(plain, torch.full_like(x, 0.6))
-    out = module.stamping(None, trigger, 1.0, jitter=0.5)(x, generator(0))
+    out = dbr.stamping(None, trigger, 1.0, jitter=0.5)(x, generator(0))
     added = out[:, 0, 0, 0] - 0.2                                      # 0.4 k, k in [0.5, 1.5]
     assert added.min() >= 0.2 - 1e-6 and added.max() <= 0.6 + 1e-6
     assert added.std() > 0.05 and abs(added.mean().item() - 0.4) < 0.03
-    assert torch.equal(out, module.stamping(None, trigger, 1.0, jitter=0.5)(x, generator(0)))
+    assert torch.equal(out, dbr.stamping(None, trigger, 1.0, jitter=0.5)(x, generator(0)))
 
 
 def test_dominant_label_estimate_ignores_clean_images_of_other_labels():
     """With 30 % clean images of other labels in D_p (as FCT lets in), the all-of-D_p estimate
     underrates a blend's weight; --stamp_source dominant_label keeps only the target-labelled part."""
-    module = load_script("unlearn_relearn")
     pattern = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(2))
     clean, poisoned = _pair(400, lambda x: 0.7 * x + 0.3 * pattern, 3)
     intruders = clean[:170]  # clean images that landed in D_p, labelled 1..9
     poison_set = torch.cat([poisoned, intruders])
     labels = torch.cat([torch.zeros(400, dtype=torch.long), torch.arange(170) % 9 + 1])
-    part, label, share = module.dominant_label_part(poison_set, labels)
+    part, label, share = dbr.dominant_label_part(poison_set, labels)
     assert label == 0 and len(part) == 400 and abs(share - 400 / 570) < 1e-6
     assert torch.equal(part, poisoned)
-    everything = module.estimate_trigger(poison_set, clean[170:])[1].median().item()
-    dominant = module.estimate_trigger(part, clean[170:])[1].median().item()
+    everything = dbr.estimate_trigger(poison_set, clean[170:])[1].median().item()
+    dominant = dbr.estimate_trigger(part, clean[170:])[1].median().item()
     assert abs(dominant - 0.3) < 0.08 and everything < dominant - 0.1
