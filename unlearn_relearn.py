@@ -19,8 +19,7 @@ from utils.checkpoint import save_checkpoint
 from utils.errors import run_main
 from utils.files import folder_lock
 from utils.logger import CSVLogger, print_header
-from utils.paths import dbr_outputs, split_dir  # noqa: F401 - split_dir: tests find the split through it
-from utils.split import load_split  # noqa: F401 - as split_dir
+from utils.paths import dbr_outputs
 from utils.train import (evaluate, format_metrics, generator, load_attack_data, make_optimizer, make_runtime,
                          make_scheduler, prepare_model, seed_everything, train_epoch)
 

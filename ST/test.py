@@ -14,8 +14,8 @@ from utils.args import resolve_device
 from utils.checkpoint import read_checkpoint
 from utils.errors import run_main
 from utils.logger import CSVLogger, print_header
-from utils.supcon import (add_classifier_recipe_flags, add_st_flags, classifier_dir, default_extractor,
-                          load_classifier, load_extractor, prepare_args, st_run_root)
+from utils.st import (add_classifier_recipe_flags, add_st_flags, classifier_dir, default_extractor, load_classifier,
+                      load_extractor, prepare_args, st_run_root)
 from utils.train import evaluate, format_metrics, load_attack_data, make_runtime, prepare_model, seed_everything
 
 COLUMNS = ["Test_ACC", "Test_ASR", "Test_ASR0", "Test_R-ACC", "Test_ACC_nontarget", "Seconds", "model_ckpt",

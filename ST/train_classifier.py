@@ -20,9 +20,10 @@ from utils.checkpoint import save_checkpoint
 from utils.errors import UserError, run_main
 from utils.files import unlock_folder
 from utils.logger import CSVLogger, print_header
-from utils.supcon import (CLASSIFIER_KIND, FrozenEncoderClassifier, add_classifier_recipe_flags, add_st_flags,
-                          balanced_class_weights, classifier_dir, default_extractor, load_extractor, load_st_sets,
-                          mixed_cross_entropy, prepare_args, run_epoch, start_run, warmup_cosine_lr, weights_fingerprint)
+from utils.st import (CLASSIFIER_KIND, add_classifier_recipe_flags, add_st_flags, classifier_dir, default_extractor,
+                      load_extractor, load_st_sets, prepare_args, start_run)
+from utils.supcon import (FrozenEncoderClassifier, balanced_class_weights, mixed_cross_entropy, run_epoch,
+                          warmup_cosine_lr, weights_fingerprint)
 from utils.train import evaluate, format_metrics, generator, make_runtime, prepare_model, seed_everything
 
 LOG_COLUMNS = ["Epoch", "Train_Loss", "Train_ACC_Dc", "Train_ACC_Dp", "Test_ACC", "Test_ASR", "Test_ASR0",

@@ -19,9 +19,10 @@ from utils.checkpoint import ATTACK_KEYS, MODEL_KEYS, check_compatible, load_wei
 from utils.errors import UserError, run_main
 from utils.files import unlock_folder
 from utils.logger import CSVLogger, print_header
-from utils.supcon import (EXTRACTOR_DEFAULTS, EXTRACTOR_KIND, PROJECTION_DIM, ST_KEYS, SupConNet, add_st_flags,
-                          build_encoder, extractor_dir, load_st_sets, prepare_args, run_epoch, semi_supcon_loss,
-                          start_run, two_views, warmup_cosine_lr)
+from utils.st import (EXTRACTOR_DEFAULTS, EXTRACTOR_KIND, ST_KEYS, add_st_flags, extractor_dir, load_st_sets,
+                      prepare_args, start_run)
+from utils.supcon import (PROJECTION_DIM, SupConNet, build_encoder, run_epoch, semi_supcon_loss, two_views,
+                          warmup_cosine_lr)
 from utils.train import generator, make_optimizer, make_runtime, prepare_model, restore_rng, seed_everything
 
 LOG_COLUMNS = ["Epoch", "Train_Loss", "LR", "Seconds", "Epochs"]

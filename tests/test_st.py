@@ -17,8 +17,9 @@ from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 from utils.paths import REPO_ROOT, split_dir
 from utils.split import save_split
-from utils.supcon import (BASE_TEMPERATURE, EXTRACTOR_KIND, SupConNet, build_encoder, load_extractor,
-                          mixed_cross_entropy, positive_mask, prepare_args, semi_supcon_loss, warmup_cosine_lr)
+from utils.st import EXTRACTOR_KIND, load_extractor, prepare_args
+from utils.supcon import (BASE_TEMPERATURE, SupConNet, build_encoder, mixed_cross_entropy, positive_mask,
+                          semi_supcon_loss, warmup_cosine_lr)
 
 T = 0.1
 
@@ -163,7 +164,7 @@ def _rows(path):
 
 def test_extractor_writes_checkpoints_and_log(trained):
     tmp, args, _ = trained
-    from utils.supcon import extractor_dir
+    from utils.st import extractor_dir
     run = extractor_dir(args)
     assert run.name == "SupCon_synthetic_resnet18_lr_0.5_decay_0.0001_bsz_128_temp_0.1_trial_0_cosine_warm"
     assert {p.name for p in run.glob("*.pth")} == {"ckpt_epoch_1.pth", "ckpt_epoch_2.pth", "last.pth"}
@@ -173,7 +174,7 @@ def test_extractor_writes_checkpoints_and_log(trained):
 
 def test_checkpoint_reloads_to_identical_outputs(trained):
     _, args, model = trained
-    from utils.supcon import extractor_dir
+    from utils.st import extractor_dir
     reloaded, _ = load_extractor(extractor_dir(args) / "last.pth", args)
     reloaded = reloaded.to(memory_format=torch.channels_last)  # as trained: same kernels, same bits
     x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -189,14 +190,14 @@ def test_same_seed_same_loss(tmp_path):
         args = _args(ext, tmp_path / run, "--epochs", "1", "--batch_size", "128")
         _oracle_split(validate_args(args), n=160)
         ext.main(args)
-        from utils.supcon import extractor_dir
+        from utils.st import extractor_dir
         losses.append(_rows(extractor_dir(args) / "log.csv")[0]["Train_Loss"])
     assert losses[0] == losses[1]
 
 
 def test_classifier_and_test_script_run_and_write_files(trained):
     tmp, ext_args, _ = trained
-    from utils.supcon import extractor_dir
+    from utils.st import extractor_dir
     cls = _script("train_classifier")
     args = _args(cls, tmp, "--epochs", "1", "--batch_size", "64", "--ckpt", str(extractor_dir(ext_args) / "last.pth"))
     model, metrics = cls.main(args)
@@ -231,7 +232,7 @@ def test_extractor_refuses_to_overwrite_and_time_budget_sets_epochs(trained, tmp
 
 
 def test_undefended_uses_every_sample_trusted(tmp_path):
-    from utils.supcon import load_st_sets
+    from utils.st import load_st_sets
     from utils.train import Runtime
     ext = _script("train_extractor")
     args = prepare_args(_args(ext, tmp_path, "--undefended"))
@@ -288,7 +289,7 @@ def test_extractor_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp
     monkeypatch.setattr(ext, "save", real)
     ext.main(_args(ext, tmp_path / "cut", *flags, "--resume"))
     from utils.checkpoint import read_checkpoint
-    from utils.supcon import extractor_dir
+    from utils.st import extractor_dir
     a, b = (read_checkpoint(extractor_dir(x) / "last.pth") for x in (whole, cut))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [r["Epoch"] for r in _rows(extractor_dir(cut) / "log.csv")] == ["0", "1", "2"]

@@ -11,7 +11,8 @@ from conftest import assert_flag_refused, load_script, parse_script_args
 from utils import dbr
 from utils.checkpoint import read_checkpoint
 from utils.errors import UserError
-from utils.paths import backdoor_dir
+from utils.paths import backdoor_dir, split_dir
+from utils.split import load_split
 from utils.train import Runtime, generator, train_epoch
 
 CPU = Runtime(torch.device("cpu"))
@@ -103,7 +104,7 @@ def test_holdout_selection_trains_without_the_held_out_samples(victim, tmp_path,
     argv = ("--poison_rate", 0.2, "--epochs", 2, "--select_holdout", 0.25, "--checkpoint_save", out,
             "--log", tmp_path / "dbr.csv")
     args = parse_script_args("unlearn_relearn", victim, *argv)
-    split = module.load_split(module.split_dir(args), args)
+    split = load_split(split_dir(args), args)
     n_p, n_c = len(split["poison"]["labels"]), len(split["clean"]["labels"])
     result = module.main(args)
     kept_p, kept_c = n_p - round(0.25 * n_p), n_c - round(0.25 * n_c)
