@@ -18,7 +18,7 @@ from utils.fct import compute_fct, fct_checkpoint, split_by_rank, split_by_thres
 from utils.checkpoint import run_meta
 from utils.files import folder_lock, read_json, read_npy, refuse_other_settings
 from utils.logger import print_header
-from utils.paths import fct_outputs, split_dir
+from utils.paths import fct_outputs, shown_path, split_dir
 from utils.split import SET_NAMES, save_split
 from utils.train import make_runtime
 
@@ -95,7 +95,7 @@ def _separate(args, folder, ckpt, earlier, gamma_file):
         print(f"Delta agrees with calculate_consistency.py's up to {float(np.abs(earlier - values).max()):.2g}")
     sets, rule = choose_sets(args, values, gamma_file)
     report = {**split_report(sets, ~train_set.is_clean.numpy(), values), "rule": rule, "fct_seconds": seconds,
-              "checkpoint": str(ckpt),
+              "checkpoint": shown_path(ckpt, args),
               # D_c by training label: the rank split over-represents the target class (D-ST learns that as a prior)
               "clean_set_class_counts": np.bincount(train_set.labels.numpy()[sets["clean"]],
                                                     minlength=args.num_classes).tolist()}

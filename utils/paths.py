@@ -104,6 +104,16 @@ def st_dir(args):
             / model_tag(args) / f"{attack_tag(args)}_{_rate(args.clean_ratio)}_{_rate(args.poison_ratio)}")
 
 
+def shown_path(path, args):
+    """``path`` as written into reports: relative to --save_root (``saved/...``) when it lies inside,
+    so that a report names no folder of the machine that made it."""
+    root = save_root(args)
+    try:
+        return str(Path(root.name) / Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def latest_checkpoint(run_dir):
     """The highest-numbered ``<epoch>.tar`` in a folder, or None."""
     ckpts = [p for p in Path(run_dir).glob("*.tar") if p.stem.isdigit()]
