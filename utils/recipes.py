@@ -90,12 +90,11 @@ DEFAULT = "paper"
 # why a recipe departs from the paper: (step, flag) -> reason, for the settings table
 WHY = {
     ("shared", "width"): "width 16 makes CPU runs practical (about 1/16 of the FLOPs)",
-    ("withTrans", "epochs"): "the CPU cannot afford 200 epochs; quick: 10x the subset's epochs for the SGD steps "
-                             "of the full set",
+    ("withTrans", "epochs"): "2 CPU cores cannot afford the paper's 200 epochs",
     ("withTrans", "schedule"): "the paper's lr steps at the same fractions of the run",
     ("clean_model", "epochs"): "as withTrans (CL's clean model)",
     ("clean_model", "schedule"): "as withTrans",
-    ("noTrans", "epochs"): "the subset has 1/10 of CIFAR-10: 10x the epochs gives the paper's SGD steps",
+    ("noTrans", "epochs"): "the subset has 1/10 of CIFAR-10's images: 10x the epochs give the paper's SGD steps",
     ("shared", "trans1"): "flip + crop separated the subset's attacks better than rotate + affine (BENCHMARKS.md)",
     ("shared", "trans2"): "as trans1",
     ("shared", "fct_draws"): "averaging 4 random tau per sample steadies Delta on a small set",
@@ -106,7 +105,7 @@ WHY = {
     ("dbr", "relearn_stamp"): "relearn the estimated trigger with true labels",
     ("dbr", "stamp_jitter"): "cover the gap between the estimated and the real trigger",
     ("dbr", "balance_classes"): "D_c over-represents the target class",
-    ("st_extractor", "epochs"): "the CPU cannot afford 200 SupCon epochs",
+    ("st_extractor", "epochs"): "2 CPU cores cannot afford 200 SupCon epochs (full_w16: not yet run at this size)",
     ("st_classifier", "balance_classes"): "D_c over-represents the target class",
     ("st_classifier", "normalize_features"): "a steadier linear layer on the small extractor",
     ("st_classifier", "cosine"): "a stable last epoch, the one kept",
@@ -138,7 +137,7 @@ def markdown_table():
     names = list(RECIPES)
     lines = ["| step | flag | " + " | ".join(f"`{n}`" for n in names) + " | why not the paper's |",
              "|---|---|" + "---|" * len(names) + "---|"]
-    for step in ("shared", *STEPS):
+    for step in ("shared", *(s for s in STEPS if s != "st_test")):  # st_test repeats the classifier's flags
         flags = []
         for n in names:
             flags += [f for f in RECIPES[n].get(step, {}) if f not in flags]
@@ -148,6 +147,9 @@ def markdown_table():
             where = "every step" if step == "shared" else f"{step} (`{STEPS[step]}`)"
             why = WHY.get((step, flag), "") if len({str(v) for v in values}) > 1 else ""
             lines.append(f"| {where} | `--{flag}` | " + " | ".join(shown) + f" | {why} |")
+    lines.append("")
+    lines.append("—: the flag is not set (the script's default: off). `ST/test.py` takes the classifier's flags, "
+                 "which name the run it tests.")
     return "\n".join(lines)
 
 
