@@ -1,7 +1,7 @@
 """Time the FCT metric (SPEC 3.3) over N training images: Delta for every image, batched, with
 per-sample random rotation + translation, features of a CIFAR ResNet-18 in eval mode.
 
-  python -m benchmarks.fct_speed --n 5170 --width 16 --device cpu      # the issue's CPU figure
+  python -m benchmarks.fct_speed --n 5170 --width 16 --device cpu      # the CPU figure of BENCHMARKS.md
   python -m benchmarks.fct_speed --n 50000 --width 64 --device cuda    # full scale on a GPU
 Images are the --data_file's training images tiled to N (or random images); the timing does
 not depend on the weights, so the network is freshly initialised.

@@ -3,7 +3,7 @@ SD chain, D-BR (faithful and study settings) and D-ST, timed step by step.
 
 run_all.sh is the user-facing, step-per-process way to do the same; this driver calls each step
 script's ``main()`` in one Python process (no start-up cost per step), which is how the figures in
-BENCHMARKS.md were produced on the lent GPU. Results: ``--out``/summary.jsonl (one line per step)
+BENCHMARKS.md were produced on one NVIDIA H200. Results: ``--out``/summary.jsonl (one line per step)
 and the saved/ tree of logs and reports.
 
   python -m benchmarks.suite --data_file ../shared/data/cifar10_subset.npz --plan main:all study:badnets

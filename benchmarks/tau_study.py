@@ -8,7 +8,7 @@ writing anything): for each tau, Delta of every training sample, the rank split 
 
 Takes every flag of calculate_consistency.py (the fine-tuned model is found the same way); --trans1
 and --trans2 are replaced by --taus. Prints one row per tau: D_c and D_p % poisoned, poison recall
-of D_p, AUROC of Delta. This is how BENCHMARKS.md (session 5) chose the quick setting's tau.
+of D_p, AUROC of Delta. BENCHMARKS.md ("Split quality") shows the tau of the quick recipe chosen this way.
 """
 from utils.args import FCT_TRANSFORMS, resolve_device, validate_args
 from utils.args import build_parser as shared_parser

@@ -303,7 +303,7 @@ def use_amp(args, device, native_cpu=False):
     not yet learned the BadNets trigger that fp32 training learns.
     native_cpu=True (the D-ST extractor): auto is also on for a CPU that runs bf16 natively. That
     network has no max-pool, so 4x the activations of the classifiers; it trains 2x faster in bf16
-    there, to the same D-ST result (BENCHMARKS.md, session 5)."""
+    there, to the same D-ST result (BENCHMARKS.md, "Speed")."""
     if args.amp == "auto":
         return device.type == "cuda" or (native_cpu and device.type == "cpu" and cpu_has_native_bf16())
     return args.amp == "on"
