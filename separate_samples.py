@@ -1,7 +1,8 @@
 """SD step 5: separate the training set into clean D_c, poisoned D_p and uncertain D_u (SPEC 3.5).
 
-Delta is recomputed in batches with the same seed and per-sample tau as calculate_consistency.py,
-so the split agrees with the thresholds. Thresholds:
+Delta is read from calculate_consistency.py's <e>_fct.npy when that file was made from the same
+checkpoint with the same settings (<e>_fct.json); otherwise it is computed again, in batches with the
+same seed and per-sample tau, so the split agrees with the thresholds either way. Thresholds:
   * --gamma_low/--gamma_high given: Delta <= gamma_low -> D_c, Delta >= gamma_high -> D_p;
   * otherwise (gamma from alpha_c/alpha_p, read from calculate_gamma.py's JSON when present): the
     floor(alpha_c N) smallest Delta -> D_c and the floor(alpha_p N) largest -> D_p, ties broken by a
@@ -14,7 +15,8 @@ import numpy as np
 
 from utils.args import build_parser as shared_parser, describe_args, resolve_device, validate_args
 from utils.errors import UserError, run_main
-from utils.fct import compute_fct, fct_checkpoint, split_by_rank, split_by_threshold, split_report
+from utils.fct import (compute_fct, fct_checkpoint, fct_settings, load_fct_inputs, split_by_rank, split_by_threshold,
+                       split_report)
 from utils.checkpoint import run_meta
 from utils.files import folder_lock, read_json, read_npy, refuse_other_settings
 from utils.logger import print_header
@@ -66,6 +68,15 @@ def check_earlier_split(folder, args):
                           f"the split in {folder}", guarded=[folder / "split_report.json"])
 
 
+def delta_is_current(out, ckpt, args):
+    """True when calculate_consistency.py's Delta file was made from this checkpoint (written after
+    it) with this run's FCT settings, so that the split can use it instead of computing Delta again."""
+    stamp = Path(out["settings"])
+    if not stamp.exists() or Path(out["values"]).stat().st_mtime < Path(ckpt).stat().st_mtime:
+        return False
+    return read_json(stamp, "the FCT settings") == fct_settings(args)
+
+
 def main(args):
     validate_args(args)
     if args.batch_size == 1:
@@ -77,6 +88,8 @@ def main(args):
     ckpt = fct_checkpoint(args)
     out = fct_outputs(ckpt)
     earlier = read_npy(out["values"], "the Delta file") if Path(out["values"]).exists() else None
+    if earlier is not None and not delta_is_current(out, ckpt, args):
+        earlier = None  # made from another model or with other settings: compute Delta again
     gamma_file = Path(out["gamma"])
     if gamma_file.exists():
         read_json(gamma_file, "the thresholds")  # a damaged file is named now, not after the work
@@ -87,12 +100,15 @@ def main(args):
 def _separate(args, folder, ckpt, earlier, gamma_file):
     rt = make_runtime(args, resolve_device(args))
     print_header("separate_samples.py", args)
-    values, train_set, _, seconds = compute_fct(args, rt, args.batch_size, checkpoint=ckpt)
-    if earlier is not None:
-        if earlier.shape != values.shape:
+    if earlier is not None:  # calculate_consistency.py's Delta, of this model with these settings
+        _, train_set, _ = load_fct_inputs(args, rt, ckpt)
+        if earlier.shape != (len(train_set),):
             raise UserError(f"the Delta file beside {ckpt} holds {earlier.shape} values, this training set "
-                            f"{values.shape}; run calculate_consistency.py again (--overwrite)")
-        print(f"Delta agrees with calculate_consistency.py's up to {float(np.abs(earlier - values).max()):.2g}")
+                            f"{len(train_set)}; run calculate_consistency.py again (--overwrite)")
+        values, seconds = earlier, 0.0
+        print(f"Delta of every training sample read from {fct_outputs(ckpt)['values']} (same model and settings)")
+    else:
+        values, train_set, _, seconds = compute_fct(args, rt, args.batch_size, checkpoint=ckpt)
     sets, rule = choose_sets(args, values, gamma_file)
     report = {**split_report(sets, ~train_set.is_clean.numpy(), values), "rule": rule, "fct_seconds": seconds,
               "checkpoint": shown_path(ckpt, args),

@@ -194,6 +194,27 @@ def test_split_made_with_another_tau_is_not_replaced_silently(sd_run, tmp_path):
     assert json.loads((folder / "split_meta.json").read_text())["trans1"] == "flip"
 
 
+def test_split_reads_the_delta_file_of_the_same_model_and_computes_it_for_a_newer_one(sd_run, tmp_path, monkeypatch):
+    """SD step 5 takes Delta from calculate_consistency.py's file when that was made from the same
+    checkpoint with the same settings; after the model changes it computes Delta again. Same split."""
+    import os
+
+    import utils.fct
+    from utils.paths import latest_checkpoint
+    root, _, _, _, _ = sd_run
+    copy = tmp_path / "saved"
+    shutil.copytree(root, copy)
+    script, calls, real = load_script("separate_samples"), [], utils.fct.fct_values
+    monkeypatch.setattr(utils.fct, "fct_values", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = lambda: parse_script_args("separate_samples", copy, "--poison_rate", 0.2, "--overwrite")  # noqa: E731
+    folder = split_dir(args())
+    assert script.main(args())["fct_seconds"] == 0.0 and calls == []       # read, not computed
+    split = {p.name: p.read_bytes() for p in folder.glob("*.npy")}
+    os.utime(latest_checkpoint(backdoor_dir(args(), "noTrans_ftsimi")))    # the model is newer than its Delta
+    script.main(args())
+    assert calls == [1] and {p.name: p.read_bytes() for p in folder.glob("*.npy")} == split
+
+
 def test_tau_study_reproduces_the_split_of_the_chain_and_writes_nothing(sd_run):
     """benchmarks/tau_study.py with the chain's tau gives the chain's split report; it writes no file."""
     root, args, _, _, report = sd_run
