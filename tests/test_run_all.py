@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def test_report_on_fake_logs(tmp_path):
         {"poison_in_clean_set_pct": 0.1, "poison_in_poison_set_pct": 98.5, "auroc": 0.99}))
     ft = backdoor_dir(a, "noTrans_ftsimi")
     ft.mkdir(parents=True)
+    (ft / "9.tar").touch()  # the fine-tuned model the FCT files belong to (found by name only)
     np.savetxt(ft / "9_clean.txt", np.random.default_rng(0).gamma(2, 1, 300))
     np.savetxt(ft / "9_poison.txt", 8 + np.random.default_rng(1).random(30))
     times = tmp_path / "times.csv"
@@ -82,6 +84,21 @@ def test_run_all_quick_completes_and_resumes(quick_run):
     root, first = quick_run
     cmd = quick_command(root)
     assert "[run]  badnets dst_test" in first.stdout and "[skip]" not in first.stdout
+    # one line per finished step: its place, its time, the elapsed time and an estimate of what is left
+    done = [line for line in first.stdout.splitlines() if re.match(r"\s+\[\d+/11\] badnets ", line)]
+    assert [int(re.search(r"\[(\d+)/", line).group(1)) for line in done] == list(range(1, 12))
+    assert all(re.search(r": \d+\.\d s; elapsed \d+m\d\ds, ", line) for line in done)
+    assert "about" in done[1] and "left" in done[1] and done[-1].endswith("all steps done")
+    # the recipe is recorded with the outputs: in checkpoints and as a column of the CSV logs
+    from utils.checkpoint import read_checkpoint
+    wt = next((root / "saved" / "backdoored_model").rglob("withTrans/**/log.csv"))
+    assert set(pd.read_csv(wt)["Recipe"]) == {"quick"}
+    from utils.paths import latest_checkpoint
+    ckpt = read_checkpoint(latest_checkpoint(wt.parent))                  # the victim: no D-BR setting in it
+    assert ckpt["args"]["recipe"] == "quick" and "ascent_bound" not in ckpt["args"]["recipe_set"]
+    assert "ascent_bound=4.6" in read_checkpoint(wt.parent / f"{ckpt['epoch']}_unlearn_purify.tar")["args"]["recipe_set"]
+    dbr = pd.read_csv(wt.parent / "unlearn_purify.csv")
+    assert set(dbr["Recipe"]) == {"quick"}
     md = (root / "results" / "synthetic.md").read_text()
     assert "BadNets-all2one" in md
     times = (root / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines()
@@ -133,6 +150,22 @@ def test_killed_run_all_resumes_to_the_uninterrupted_report(quick_run, tmp_path)
     assert len(times) == len({tuple(t.split(",")[:2]) for t in times}) == 11
 
 
+def test_jobs_run_attacks_side_by_side_into_one_report(tmp_path):
+    """--jobs_per_gpu 2 on the CPU: two attack chains at once (one torch thread each), one report."""
+    cmd = ["bash", str(REPO_ROOT / "run_all.sh"), "--quick", "--attacks", "badnets blend", "--epoch_scale", "0.05",
+           "--skip_dst", "--jobs_per_gpu", "2", "--device", "cpu", "--save_root", str(tmp_path / "saved"),
+           "--results_dir", str(tmp_path / "results")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert sorted(lines[:2]) == ["== badnets (gridTrigger, all2one)", "== blend (signalTrigger, all2one)"]  # both start at once
+    assert sum(bool(re.match(r"\s+\[\d+/16\] ", line)) for line in lines) == 16
+    times = (tmp_path / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines()
+    assert sorted({t.split(",")[0] for t in times}) == ["badnets", "blend"] and len(times) == 16
+    md = (tmp_path / "results" / "synthetic.md").read_text()
+    assert "| BadNets-all2one |" in md and "| Blend-Strip |" in md
+
+
 def test_second_run_all_on_one_save_root_is_refused(tmp_path):
     import fcntl
     root = tmp_path / "saved"
@@ -157,6 +190,10 @@ def test_second_run_all_on_one_save_root_is_refused(tmp_path):
     (["--dataset", "mnist"], "unknown --dataset"),
     (["--data_file", "absent.npz"], "does not exist"),
     (["--bogus"], "unknown option --bogus"),
+    (["--recipe", "fast"], "unknown --recipe 'fast'"),
+    (["--jobs_per_gpu", "0"], "--jobs_per_gpu must be a positive integer"),
+    (["--gpus", "a b"], "--gpus must be GPU numbers"),
+    (["--gpus", "0", "--device", "cpu"], "--gpus asks for GPUs, but --device is cpu"),
 ])
 def test_run_all_refuses_bad_flags_with_one_line(tmp_path, flags, message):
     out = subprocess.run(["bash", str(REPO_ROOT / "run_all.sh"), "--save_root", str(tmp_path / "saved"), *flags],
