@@ -106,12 +106,35 @@ def fct_grid(entries, out):
     fig.savefig(out, dpi=100)
 
 
+def dbr_curves(logs, out):
+    """ACC and ASR (with ASR0) per D-BR epoch, one colour per attack; epoch -1 is the backdoored model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (acc, asr) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (name, log) in enumerate(logs):
+        colour = f"C{i}"
+        acc.plot(log.Epoch, log.Test_ACC, color=colour, label=name)
+        asr.plot(log.Epoch, log.Test_ASR, color=colour, label=name)
+        asr.plot(log.Epoch, log.Test_ASR0, color=colour, linestyle=":", linewidth=1)
+    acc.set(xlabel="D-BR epoch (-1: backdoored model)", ylabel="ACC % (whole test split)", title="clean accuracy")
+    asr.set(xlabel="D-BR epoch (-1: backdoored model)", ylabel="%", title="ASR (dotted: its base rate ASR0)",
+            yscale="symlog", ylim=(0, 100))
+    asr.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def main(args):
     validate_args(args)
-    rows, entries = [], []
+    rows, entries, curves = [], [], []
     for attack in args.attacks:
         row, a = collect(args, attack)
         rows.append(row)
+        dbr_log = read_csv(backdoor_dir(a, "withTrans") / "unlearn_purify.csv")
+        if dbr_log is not None:
+            curves.append((row["Attack"], dbr_log))
         files = fct_files(a)
         if files:
             entries.append((row["Attack"], files))
@@ -139,6 +162,9 @@ def main(args):
     if entries:
         fct_grid(entries, out_dir / f"{tag}_fct.png")
         lines += ["", f"![FCT histograms]({tag}_fct.png)"]
+    if curves:
+        dbr_curves(curves, out_dir / f"{tag}_dbr.png")
+        lines += ["", f"![D-BR per epoch]({tag}_dbr.png)"]
     (out_dir / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out_dir / f'{tag}.md'}")

@@ -158,7 +158,9 @@ def test_jobs_run_attacks_side_by_side_into_one_report(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     lines = out.stdout.splitlines()
-    assert sorted(lines[:2]) == ["== badnets (gridTrigger, all2one)", "== blend (signalTrigger, all2one)"]  # both start at once
+    first_done = next(i for i, line in enumerate(lines) if re.match(r"\s+\[1/16\] ", line))
+    # both chains start before any step has finished: they run side by side
+    assert {"== badnets (gridTrigger, all2one)", "== blend (signalTrigger, all2one)"} <= set(lines[:first_done])
     assert sum(bool(re.match(r"\s+\[\d+/16\] ", line)) for line in lines) == 16
     times = (tmp_path / "saved" / "run_all" / "synthetic_quick" / "times.csv").read_text().splitlines()
     assert sorted({t.split(",")[0] for t in times}) == ["badnets", "blend"] and len(times) == 16
