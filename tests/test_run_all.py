@@ -60,6 +60,7 @@ def test_report_on_fake_logs(tmp_path):
     md = (tmp_path / "res" / "synthetic_w16.md").read_text()
     assert "| BadNets-all2one | 61.50 | 99.25 |" in md and "Minutes per step" in md and "2.00" in md
     assert (tmp_path / "res" / "synthetic_w16_fct.png").stat().st_size > 10_000
+    assert (tmp_path / "res" / "synthetic_w16_dbr.png").stat().st_size > 10_000 and "synthetic_w16_dbr.png" in md
 
 
 ENV = {**SUBPROCESS_ENV, "PYTHON": sys.executable}
