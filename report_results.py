@@ -76,7 +76,7 @@ def collect(args, attack):
         r = json.loads(report.read_text())
         row.update({"poison in D_c %": r["poison_in_clean_set_pct"], "poison in D_p %": r["poison_in_poison_set_pct"],
                     "AUROC": r["auroc"]})
-    return row, a
+    return row, a, dbr
 
 
 def fct_files(a):
@@ -130,9 +130,8 @@ def main(args):
     validate_args(args)
     rows, entries, curves = [], [], []
     for attack in args.attacks:
-        row, a = collect(args, attack)
+        row, a, dbr_log = collect(args, attack)
         rows.append(row)
-        dbr_log = read_csv(backdoor_dir(a, "withTrans") / "unlearn_purify.csv")
         if dbr_log is not None:
             curves.append((row["Attack"], dbr_log))
         files = fct_files(a)

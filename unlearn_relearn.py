@@ -69,7 +69,7 @@ def main(args):
                   f"{format_metrics(metrics)}")
             keeper.update(epoch, metrics)
         save_checkpoint(out["last"], args, model, epoch=args.epochs - 1, selection="last epoch")
-    return keeper.summary(metrics, out, format_metrics)
+    return keeper.summary(metrics, out)
 
 
 if __name__ == "__main__":

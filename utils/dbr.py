@@ -36,7 +36,7 @@ from utils.paths import backdoor_dir, latest_checkpoint, split_dir
 from utils.plots import save_trigger_estimate
 from utils.split import SET_NAMES, load_split
 from utils.supcon import balanced_class_weights
-from utils.train import cross_entropy, place_train_data, predict
+from utils.train import cross_entropy, format_metrics, place_train_data, predict
 
 COLUMNS = ["Epoch", "Test_ACC", "Test_ASR", "Test_ASR0", "Test_R-ACC", "Test_ACC_nontarget", "Unlearn_Loss",
            "Relearn_Loss", "Seconds"]
@@ -175,7 +175,7 @@ class Keeper:
                 self.kept[rule] = {"score": score(metrics), "epoch": epoch, "metrics": metrics}
                 save_checkpoint(path, self.args, self.model, epoch=epoch, selection=rule)
 
-    def summary(self, last, out, format_metrics):
+    def summary(self, last, out):
         best, chosen = self.kept[TEST_RULE], self.kept.get(SELECTED)
         print(f"best ACC - ASR (chosen on the backdoor TEST set, as the paper did): epoch {best['epoch']}  "
               f"{format_metrics(best['metrics'])}  -> {out['best']}")
