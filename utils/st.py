@@ -164,34 +164,34 @@ def load_st_sets(args, rt, names=("clean", "poison", "suspicious")):
 
 
 # ----------------------------------------------------------------------------------- checkpoints
-def _check_kind(ckpt, kind, path):
+def _read_st_checkpoint(path, args, kind, missing):
+    """The checkpoint at ``path``: it must exist (else UserError ``missing``), be of ``kind`` and agree with
+    this run's data/model/attack/ST settings."""
+    if not Path(path).is_file():
+        raise UserError(missing)
+    ckpt = read_checkpoint(path)
     if ckpt.get("kind") != kind:
         what = {EXTRACTOR_KIND: "a D-ST feature extractor (ST/train_extractor.py)",
                 CLASSIFIER_KIND: "a D-ST classifier (ST/train_classifier.py)"}[kind]
         raise UserError(f"{path} is not {what}")
+    check_compatible(ckpt, args, MODEL_KEYS + ATTACK_KEYS + ST_KEYS, path)
+    return ckpt
 
 
 def load_extractor(path, args):
     """The SupConNet saved at path, checked against this run's data/model/attack/ST settings (strict)."""
-    if not Path(path).is_file():
-        raise UserError(f"no feature extractor at {path}; run ST/train_extractor.py with the same flags "
-                        "first, or name the checkpoint (--ckpt / --model_ckpt)")
-    ckpt = read_checkpoint(path)
-    _check_kind(ckpt, EXTRACTOR_KIND, path)
-    check_compatible(ckpt, args, MODEL_KEYS + ATTACK_KEYS + ST_KEYS, path)
-    meta = ckpt["args"]
-    model = SupConNet(build_encoder(meta), ckpt.get("projection_dim", PROJECTION_DIM))
+    ckpt = _read_st_checkpoint(path, args, EXTRACTOR_KIND,
+                               f"no feature extractor at {path}; run ST/train_extractor.py with the same flags "
+                               "first, or name the checkpoint (--ckpt / --model_ckpt)")
+    model = SupConNet(build_encoder(ckpt["args"]), ckpt.get("projection_dim", PROJECTION_DIM))
     return load_weights(model, ckpt, path), ckpt
 
 
 def load_classifier(path, args, encoder):
     """The linear layer saved at path on top of ``encoder`` (which must be the one it was trained on)."""
-    if not Path(path).is_file():
-        raise UserError(f"no classifier at {path}; run ST/train_classifier.py with the same flags first, "
-                        "or name it with --classifier_ckpt")
-    ckpt = read_checkpoint(path)
-    _check_kind(ckpt, CLASSIFIER_KIND, path)
-    check_compatible(ckpt, args, MODEL_KEYS + ATTACK_KEYS + ST_KEYS, path)
+    ckpt = _read_st_checkpoint(path, args, CLASSIFIER_KIND,
+                               f"no classifier at {path}; run ST/train_classifier.py with the same flags first, "
+                               "or name it with --classifier_ckpt")
     model = FrozenEncoderClassifier(encoder, ckpt["args"]["num_classes"], ckpt["args"].get("normalize_features", False))
     load_weights(model.linear, ckpt, path)
     if ckpt.get("encoder_fingerprint") not in (None, weights_fingerprint(encoder)):
