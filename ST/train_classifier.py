@@ -22,9 +22,9 @@ from utils.files import unlock_folder
 from utils.logger import CSVLogger, print_header
 from utils.st import (CLASSIFIER_KIND, add_classifier_recipe_flags, add_st_flags, classifier_dir, default_extractor,
                       load_extractor, load_st_sets, prepare_args, start_run)
-from utils.supcon import (FrozenEncoderClassifier, balanced_class_weights, mixed_cross_entropy, run_epoch,
-                          warmup_cosine_lr, weights_fingerprint)
-from utils.train import evaluate, format_metrics, generator, make_runtime, prepare_model, seed_everything
+from utils.supcon import FrozenEncoderClassifier, balanced_class_weights, mixed_cross_entropy, weights_fingerprint
+from utils.train import (evaluate, format_metrics, generator, make_runtime, prepare_model, seed_everything, sgd_epoch,
+                         warmup_cosine_lr)
 
 LOG_COLUMNS = ["Epoch", "Train_Loss", "Train_ACC_Dc", "Train_ACC_Dp", "Test_ACC", "Test_ASR", "Test_ASR0",
                "Test_R-ACC", "Test_ACC_nontarget", "Test_Loss_cl", "LR", "Seconds"]
@@ -57,8 +57,7 @@ def mixed_ce_step(model, data, rt, g, lam, class_weight=None):
         y = data.labels[idx].to(rt.device)
         in_p = data.in_poison_set[idx].to(rt.device)
         hit = logits.argmax(1) == y
-        counts = {"n_c": (~in_p).sum().item(), "hit_c": (hit & ~in_p).sum().item(),
-                  "n_p": in_p.sum().item(), "hit_p": (hit & in_p).sum().item()}
+        counts = {"n_c": (~in_p).sum(), "hit_c": (hit & ~in_p).sum(), "n_p": in_p.sum(), "hit_p": (hit & in_p).sum()}
         return mixed_cross_entropy(logits, y, in_p, lam, class_weight), counts
     return step
 
@@ -97,8 +96,9 @@ def main(args):
 
     for epoch in range(args.epochs):
         t0 = time.time()
-        r = run_epoch(model, len(data.labels), args.batch_size, g, step, optimizer, lr_at, epoch, f"linear {epoch}")
-        loss, c, lr = r["loss"], r["counts"], r["lr"]
+        r = sgd_epoch(model, len(data.labels), args.batch_size, g, optimizer, step, lr_at=lr_at, epoch=epoch,
+                      desc=f"linear {epoch}")
+        loss, c, lr = r["loss"], r["stats"], r["lr"]
         metrics = evaluate(model, tests, rt, args.target_label)
         logger.write({"Epoch": epoch, "Train_Loss": loss, "Train_ACC_Dc": pct(c["hit_c"], c["n_c"]),
                       "Train_ACC_Dp": pct(c["hit_p"], c["n_p"]), **metrics, "LR": lr, "Seconds": time.time() - t0})

@@ -21,9 +21,9 @@ from utils.files import unlock_folder
 from utils.logger import CSVLogger, print_header
 from utils.st import (EXTRACTOR_DEFAULTS, EXTRACTOR_KIND, ST_KEYS, add_st_flags, extractor_dir, load_st_sets,
                       prepare_args, start_run)
-from utils.supcon import (PROJECTION_DIM, SupConNet, build_encoder, run_epoch, semi_supcon_loss, two_views,
-                          warmup_cosine_lr)
-from utils.train import generator, make_optimizer, make_runtime, prepare_model, restore_rng, seed_everything
+from utils.supcon import PROJECTION_DIM, SupConNet, build_encoder, semi_supcon_loss, two_views
+from utils.train import (generator, make_optimizer, make_runtime, prepare_model, restore_rng, seed_everything,
+                         sgd_epoch, warmup_cosine_lr)
 
 LOG_COLUMNS = ["Epoch", "Train_Loss", "LR", "Seconds", "Epochs"]
 
@@ -86,8 +86,8 @@ def main(args):
         warm = min(args.warm_epochs, args.epochs / 2)
         lr_at = lambda t: warmup_cosine_lr(t, args.epochs, args.lr, warm, args.warmup_from,  # noqa: E731
                                            args.min_lr_ratio)
-        r = run_epoch(model, len(data.labels), args.batch_size, g, step, optimizer, lr_at, epoch,
-                      f"SupCon {epoch}", clock=budget.clock if budget else time.time)
+        r = sgd_epoch(model, len(data.labels), args.batch_size, g, optimizer, step, lr_at=lr_at, epoch=epoch,
+                      desc=f"SupCon {epoch}", clock=budget.clock if budget else time.time)
         if not math.isfinite(r["loss"]):
             raise UserError(f"the loss diverged at epoch {epoch} (lr {r['lr']:.3g}); try a smaller --lr")
         if budget and (epoch == 0 or epoch + 1 < warm):  # the warm-up does not depend on the epoch count

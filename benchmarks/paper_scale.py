@@ -13,7 +13,7 @@ settings that each step script takes by default under the paper recipe:
 - fct: utils.fct.fct_values (forward passes of x and tau(x) with the recipe's tau);
 - dbr: one unlearning (gradient ascent) and one relearning train_epoch with the augmentation;
 - st_extractor: the SupCon step of ST/train_extractor.py (two views of each image through SupConNet,
-  the semi-supervised loss) in utils.supcon.run_epoch;
+  the semi-supervised loss) in utils.train.sgd_epoch;
 - st_classifier: the mixed cross-entropy step of ST/train_classifier.py (frozen encoder, linear layer);
 - st_eval: evaluate() of the D-ST model (its encoder has no max-pool: 4x the activations).
 
@@ -71,10 +71,9 @@ from utils.args import build_parser as shared_parser  # noqa: E402
 from utils.augment import train_augmentation  # noqa: E402
 from utils.errors import run_main  # noqa: E402
 from utils.fct import fct_values, intra_class_criterion  # noqa: E402
-from utils.supcon import (PROJECTION_DIM, FrozenEncoderClassifier, SupConNet, build_encoder, run_epoch,  # noqa: E402
-                          warmup_cosine_lr)
+from utils.supcon import PROJECTION_DIM, FrozenEncoderClassifier, SupConNet, build_encoder  # noqa: E402
 from utils.train import (cross_entropy, evaluate, generator, make_optimizer, make_runtime,  # noqa: E402
-                         place_train_data, predict, prepare_model, train_epoch)
+                         place_train_data, predict, prepare_model, sgd_epoch, train_epoch, warmup_cosine_lr)
 
 # CIFAR-10's sizes
 TRAIN_IMAGES = 50_000    # the training split
@@ -321,7 +320,7 @@ def step_st_extractor(b):
     def prepare(n):
         data = b.st_data(n * bs)
         step = contrastive_step(model, data, rt, g, sargs.temp)
-        return _counting(lambda: run_epoch(model, n * bs, bs, g, step, optimizer, lr_at, 0, "SupCon"), n * bs)
+        return _counting(lambda: sgd_epoch(model, n * bs, bs, g, optimizer, step, lr_at=lr_at, desc="SupCon"), n * bs)
     return prepare
 
 
@@ -337,8 +336,7 @@ def step_st_classifier(b):
     def prepare(n):
         data = b.st_data(n * bs)
         step = mixed_ce_step(model, data, b.rt, g, sargs.lambda_p)
-        return _counting(lambda: run_epoch(model, n * bs, bs, g, step, optimizer, lambda t: sargs.lr, 0, "linear"),
-                         n * bs)
+        return _counting(lambda: sgd_epoch(model, n * bs, bs, g, optimizer, step, desc="linear"), n * bs)
     return prepare
 
 

@@ -19,7 +19,8 @@ from utils.paths import REPO_ROOT, split_dir
 from utils.split import save_split
 from utils.st import EXTRACTOR_KIND, load_extractor, prepare_args
 from utils.supcon import (BASE_TEMPERATURE, SupConNet, build_encoder, mixed_cross_entropy, positive_mask,
-                          semi_supcon_loss, warmup_cosine_lr)
+                          semi_supcon_loss)
+from utils.train import warmup_cosine_lr
 
 T = 0.1
 

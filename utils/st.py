@@ -8,9 +8,9 @@ import torch
 from utils.args import nonneg_float, positive_float, validate_args
 from utils.checkpoint import ATTACK_KEYS, MODEL_KEYS, check_compatible, load_weights, read_checkpoint
 from utils.errors import UserError
-from utils.files import lock_folder
 from utils.paths import attack_tag, split_dir, st_dir
 from utils.supcon import PROJECTION_DIM, FrozenEncoderClassifier, SupConNet, build_encoder, weights_fingerprint
+from utils.train import start_checkpoint
 
 # the paper's extractor recipe (SPEC 4.1): also what train_classifier.py / test.py look for by default
 EXTRACTOR_DEFAULTS = {"lr": 0.5, "weight_decay": 1e-4, "batch_size": 512, "temp": 0.1}
@@ -109,22 +109,16 @@ def classifier_dir(args):
 
 
 def start_run(args, run_dir):
-    """Refuse to mix runs: a folder with last.pth needs --resume (extractor) or --overwrite. Then
-    lock the folder for this process (a second one stops with a one-line error naming it).
+    """The project's start rule (utils.train.start_checkpoint) for an ST folder, whose run is its
+    last.pth: --resume (extractor) or --overwrite, then the folder is locked for this process.
     Returns the checkpoint to resume from, or None."""
-    last = run_dir / "last.pth"
-    resume = getattr(args, "resume", False)
-    if resume and not last.exists():
-        raise UserError(f"--resume: no last.pth in {run_dir}")
-    if not resume and last.exists() and not args.overwrite:
-        raise UserError(f"{run_dir} already holds a run (last.pth); pass --overwrite to start again"
-                        + (" or --resume to continue it" if hasattr(args, "resume") else ""))
-    lock_folder(run_dir)
-    if resume:
-        return read_checkpoint(last)
-    for p in list(run_dir.glob("*.pth")) + [run_dir / "log.csv"]:
-        p.unlink(missing_ok=True)
-    return None
+    ckpt, resumed = start_checkpoint(args, run_dir, newest=_last_pth, made=("*.pth", "log.csv"))
+    return ckpt if resumed else None
+
+
+def _last_pth(run_dir):
+    last = Path(run_dir) / "last.pth"
+    return last if last.exists() else None
 
 
 # ----------------------------------------------------------------------------------- data

@@ -1,22 +1,17 @@
 """D-ST's maths (SPEC section 4): the semi-supervised contrastive loss, the mixed cross-entropy, the
-encoder + projection head, the frozen-encoder classifier, the warm-up + cosine lr and the one ST
-epoch loop. What the three ST scripts share besides (flags, folders, data, checkpoints) is in
-utils/st.py.
+encoder + projection head, the frozen-encoder classifier and the two SupCon views. The ST steps
+train with the project's one loop (utils.train.sgd_epoch) and its warm-up + cosine lr; what the
+three ST scripts share besides (flags, folders, data, checkpoints) is in utils/st.py.
 
 Symbols follow the paper: D_c (clean_set, trusted labels), D_p (poison_set), D_u (suspicious_set).
 """
 import hashlib
-import math
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models import build_model
 from utils.augment import supcon_view
-from utils.logger import progress
-from utils.train import batch_indices
 
 PROJECTION_DIM = 128
 BASE_TEMPERATURE = 0.07  # SupContrast scales its loss by T / 0.07; kept so that lr 0.5 means the same step
@@ -145,44 +140,7 @@ def weights_fingerprint(module):
     return h.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------- schedule
-def warmup_cosine_lr(epoch, epochs, base_lr, warm_epochs=10, warmup_from=0.01, min_ratio=0.001):
-    """lr at a (fractional) epoch: linear warm-up from ``warmup_from`` to ``base_lr`` over
-    ``warm_epochs``, then a half cosine from ``base_lr`` down to ``base_lr * min_ratio`` at ``epochs``.
-    Evaluated every step (SupContrast changes the cosine once per epoch; same curve, smoother)."""
-    eta_min = base_lr * min_ratio
-    if epoch < warm_epochs:
-        return warmup_from + (base_lr - warmup_from) * epoch / warm_epochs
-    progress = min((epoch - warm_epochs) / max(epochs - warm_epochs, 1e-8), 1.0)
-    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * progress)) / 2
-
-
-def run_epoch(model, n, batch_size, g, step, optimizer, lr_at, epoch, desc="train", clock=time.time):
-    """The one ST training pass: seeded batches over n samples; ``step(idx) -> (loss, counts)``
-    computes a batch's loss (counts: a dict of numbers to sum, may be empty); ``lr_at(t)`` gives the
-    lr at fractional epoch t. Returns a dict: the sample-weighted mean loss, the summed counts, the
-    last lr, the seconds (by ``clock``) of the pass and of its first batch (which carries the kernel
-    warm-up)."""
-    model.train()
-    t0 = clock()
-    batches = batch_indices(n, batch_size, g)
-    loss_sum, sums, lr, first = 0.0, {}, None, None
-    for i, idx in enumerate(progress(batches, desc)):
-        lr = lr_at(epoch + i / len(batches))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, counts = step(idx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.item() * len(idx)  # .item() also waits for the device: honest timings
-        for k, v in counts.items():
-            sums[k] = sums.get(k, 0) + v
-        first = clock() - t0 if first is None else first
-    return {"loss": loss_sum / max(n, 1), "counts": sums, "lr": lr, "seconds": clock() - t0,
-            "first_batch_seconds": first or 0.0, "batches": len(batches)}
-
-
+# ----------------------------------------------------------------------------------- views
 def two_views(x, g):
     """Two SupCon views of each image, batched: (2B, 3, H, W), view-major, channels-last."""
     return supcon_view(torch.cat([x, x]), g).contiguous(memory_format=torch.channels_last)

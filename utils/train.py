@@ -4,6 +4,7 @@ Scripts differ only in what they pass: the data, the augmentation, the loss (``c
 learning-rate schedule and the direction of the step (descent, or ascent for unlearning).
 """
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -84,40 +85,78 @@ def cross_entropy(model, x, y, weight=None):
 
 
 # ----------------------------------------------------------------------------------- one epoch
-def train_epoch(model, data, optimizer, rt, g, criterion=cross_entropy, augment=None, batch_size=128,
-                ascent=False, desc="train"):
-    """One pass over ``data`` (a PoisonedTrainSet-like object, tensors on the device or host).
+def sgd_epoch(model, n, batch_size, g, optimizer, step, *, ascent=False, lr_at=None, epoch=0, device=None,
+              desc="train", clock=time.time):
+    """The one SGD pass of every training step of the project (SD, D-BR, the victims, both ST steps).
 
-    ascent=True maximises the loss (the unlearning pass of D-BR). Returns the mean loss, accuracy
-    on the given labels, and on the poisoned samples the share predicted as their poisoned label
-    (ASR) and as their true class (R-ACC), all in percent.
+    Seeded batches of indices over n samples (``device``: where the indices live, the device of the
+    data they index). ``step(idx) -> (loss, stats)`` computes a batch's mean loss and a dict of
+    per-batch sums (tensors or numbers, may be empty) to add up. ascent=True maximises the loss (the
+    unlearning pass of D-BR). ``lr_at(t)``, when given, sets the lr at the fractional epoch
+    ``epoch + i / batches`` before each step (the per-step schedule of ST); otherwise the optimiser's
+    lr stays. The sums stay on the device: the host waits for it after the first batch (to time
+    the kernel warm-up) and at the end, not once per batch.
+
+    Returns a dict: the sample-weighted mean ``loss``, the summed ``stats`` (floats), the last
+    ``lr``, the ``seconds`` (by ``clock``) of the pass and of its first batch, and the batch count.
     """
     model.train()
-    # running sums stay on the device (one host sync per epoch, not one per batch):
-    # loss, correct, n_poison, asr hits, racc hits; the sample count n is known on the host
-    sums = torch.zeros(5, dtype=torch.float32, device=rt.device)
-    n = 0
-    for idx in progress(batch_indices(len(data.labels), batch_size, g, device=data.labels.device), desc):
+    t0 = clock()
+    batches = batch_indices(n, batch_size, g, device=device)
+    loss_sum, sums, first = 0.0, {}, None
+    for i, idx in enumerate(progress(batches, desc)):
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch + i / len(batches))
+        loss, stats = step(idx)
+        optimizer.zero_grad(set_to_none=True)
+        (-loss if ascent else loss).backward()
+        optimizer.step()
+        with torch.no_grad():
+            loss_sum = loss_sum + loss.detach().float() * len(idx)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v
+        if first is None:
+            float(loss_sum)  # waits for the device: the first batch's time is its own
+            first = clock() - t0
+    loss_sum = float(loss_sum)
+    return {"loss": loss_sum / max(n, 1), "stats": {k: _host(v) for k, v in sums.items()},
+            "lr": optimizer.param_groups[0]["lr"], "seconds": clock() - t0, "first_batch_seconds": first or 0.0,
+            "batches": len(batches)}
+
+
+def _host(v):
+    return v.tolist() if torch.is_tensor(v) else v
+
+
+def train_epoch(model, data, optimizer, rt, g, criterion=cross_entropy, augment=None, batch_size=128,
+                ascent=False, desc="train"):
+    """One pass of ``criterion`` over ``data`` (a PoisonedTrainSet-like object, tensors on the device
+    or host), augmented per batch by ``augment`` where given; ascent=True for D-BR's unlearning.
+
+    Returns the mean loss, accuracy on the given labels, and on the poisoned samples the share
+    predicted as their poisoned label (ASR) and as their true class (R-ACC), all in percent.
+    """
+    def step(idx):
         x = rt.images(data.images[idx])
         if augment is not None:  # grid_sample returns NCHW: back to the layout the network runs in
             x = augment(x, g).contiguous(memory_format=torch.channels_last)
         y = data.labels[idx].to(rt.device, non_blocking=True)
         with rt.autocast():
             loss, logits = criterion(model, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        (-loss if ascent else loss).backward()
-        optimizer.step()
-        with torch.no_grad():
+        with torch.no_grad():  # correct, n_poison, asr hits, racc hits: one stacked sum per batch
             pred = logits.argmax(1)
             poisoned = ~data.is_clean[idx].to(rt.device, non_blocking=True)
             gt = data.gt_labels[idx].to(rt.device, non_blocking=True)
             hit, hit_gt = pred == y, pred == gt
             counts = torch.stack([hit.sum(), poisoned.sum(), (hit & poisoned).sum(), (hit_gt & poisoned).sum()])
-            sums += torch.cat([loss.detach().float().reshape(1) * len(y), counts.float()])
-        n += len(y)
-    loss, correct, n_poison, asr, racc = sums.tolist()
+        return loss, {"counts": counts}
+
+    n = len(data.labels)
+    r = sgd_epoch(model, n, batch_size, g, optimizer, step, ascent=ascent, device=data.labels.device, desc=desc)
+    correct, n_poison, asr, racc = r["stats"].get("counts", [0, 0, 0, 0])
     pct = lambda a, b: 100.0 * a / b if b else float("nan")  # noqa: E731
-    return {"Train_Loss": loss / max(n, 1), "Train_ACC": pct(correct, n), "Train_ASR": pct(asr, n_poison),
+    return {"Train_Loss": r["loss"], "Train_ACC": pct(correct, n), "Train_ASR": pct(asr, n_poison),
             "Train_R-ACC": pct(racc, n_poison)}
 
 
@@ -177,36 +216,54 @@ def make_scheduler(optimizer, args, kind, period=None):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
 
 
-# ----------------------------------------------------------------------------------- whole runs
-def start_checkpoint(args, run_dir, init_checkpoint=None, resume_checkpoint=None):
-    """Decide where a training run starts, without ever overwriting earlier work silently, and lock
-    ``run_dir`` for this process (a second process on it stops with a one-line error).
+def warmup_cosine_lr(epoch, epochs, base_lr, warm_epochs=10, warmup_from=0.01, min_ratio=0.001):
+    """lr at a (fractional) epoch: linear warm-up from ``warmup_from`` to ``base_lr`` over
+    ``warm_epochs``, then a half cosine from ``base_lr`` down to ``base_lr * min_ratio`` at ``epochs``.
+    Evaluated every step (SupContrast changes the cosine once per epoch; same curve, smoother)."""
+    eta_min = base_lr * min_ratio
+    if epoch < warm_epochs:
+        return warmup_from + (base_lr - warmup_from) * epoch / warm_epochs
+    progress = min((epoch - warm_epochs) / max(epochs - warm_epochs, 1e-8), 1.0)
+    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * progress)) / 2
 
-    Returns (checkpoint dict or None, is_resume). resume_checkpoint (or --resume: the newest
-    checkpoint in run_dir) continues a run at its next epoch; init_checkpoint (the noTrans model a
-    fine-tuning starts from) starts a new run from that state. Nothing is written or removed before
-    the checks pass and the lock is held.
+
+# ----------------------------------------------------------------------------------- whole runs
+def start_checkpoint(args, run_dir, init_checkpoint=None, resume_checkpoint=None, *, newest=latest_checkpoint,
+                     made=("*.tar",)):
+    """The one start rule of every training run: decide where it starts, without ever overwriting
+    earlier work silently, and lock ``run_dir`` for this process (a second process on it stops with a
+    one-line error).
+
+    Returns (checkpoint dict or None, is_resume). resume_checkpoint (or --resume: ``newest(run_dir)``,
+    by default the highest-numbered checkpoint) continues a run at its next epoch; init_checkpoint
+    (the noTrans model a fine-tuning starts from) starts a new run from that state. A folder that
+    holds a run needs --resume or --overwrite (a script without --resume: --overwrite); a new run
+    first removes the files of the earlier one (the ``made`` patterns). Nothing is written or removed
+    before the checks pass and the lock is held.
     """
-    existing = latest_checkpoint(run_dir)
+    existing = newest(run_dir)
+    resume = getattr(args, "resume", False)
     if resume_checkpoint is not None:
         start = read_checkpoint(resume_checkpoint), True
-    elif args.resume:
+    elif resume:
         if existing is None:
             raise UserError(f"--resume: no checkpoint in {run_dir}")
         start = None, True
     elif existing is not None and not args.overwrite:
-        raise UserError(f"{run_dir} already holds checkpoints (up to {existing.name}); "
-                        "pass --resume to continue or --overwrite to start again")
+        how = "pass --resume to continue or --overwrite to start again" if hasattr(args, "resume") \
+            else "pass --overwrite to start again"
+        raise UserError(f"{run_dir} already holds a run (up to {existing.name}); {how}")
     else:
         start = (read_checkpoint(init_checkpoint) if init_checkpoint is not None else None), False
     if start[0] is not None:
         check_compatible(start[0], args, MODEL_KEYS + ATTACK_KEYS, "the checkpoint")
     lock_folder(run_dir)
-    if args.resume and resume_checkpoint is None:  # read once the lock is held: the newest one now
-        return read_checkpoint(latest_checkpoint(run_dir)), True
+    if resume and resume_checkpoint is None:  # read once the lock is held: the newest one now
+        return read_checkpoint(newest(run_dir)), True
     if not start[1]:
-        for p in run_dir.glob("*.tar"):
-            p.unlink()
+        for pattern in made:
+            for p in run_dir.glob(pattern):
+                p.unlink()
     return start
 
 
