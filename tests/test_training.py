@@ -221,3 +221,34 @@ def test_checkpoint_without_random_state_is_not_resumed(tmp_path):
     save_checkpoint(run_dir / "0.tar", args, get_network(args), epoch=0)
     with pytest.raises(UserError, match="no random state"):
         load_script(SCRIPT).main(parse_script_args(SCRIPT, tmp_path / "saved", "--epochs", 2, "--resume"))
+
+
+def test_sgd_epoch_sets_the_per_step_lr_sums_stats_and_ascends():
+    """The one loop: lr_at is applied before every step, per-batch stats add up exactly, the loss is
+    the sample-weighted mean, and ascent=True steps against the gradient."""
+    from utils.train import generator, sgd_epoch
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    init = torch.nn.Linear(3, 2).state_dict()
+
+    def run(n, batch_size, ascent=False, lr_at=None):
+        model = torch.nn.Linear(3, 2)
+        model.load_state_dict(init)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        seen, losses = [], []
+
+        def step(idx):
+            seen.append(opt.param_groups[0]["lr"])
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            losses.append((loss.item(), len(idx)))
+            return loss, {"n": torch.tensor(len(idx)), "batches": 1}
+        r = sgd_epoch(model, n, batch_size, generator(0), opt, step, ascent=ascent, lr_at=lr_at, epoch=2)
+        return r, seen, losses, model.weight.detach() - init["weight"]
+
+    r, seen, losses, _ = run(10, 4, lr_at=lambda t: t)
+    assert seen == pytest.approx([2.0, 2 + 1 / 3, 2 + 2 / 3]) and r["lr"] == pytest.approx(2 + 2 / 3)
+    assert r["stats"] == {"n": 10, "batches": 3} and r["batches"] == 3
+    assert r["loss"] == pytest.approx(sum(v * k for v, k in losses) / 10)
+    _, seen, _, down = run(4, 4)
+    _, _, _, up = run(4, 4, ascent=True)
+    assert seen == [0.1] and down.abs().sum() > 0 and torch.allclose(up, -down)  # one plain SGD step each
