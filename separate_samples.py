@@ -6,7 +6,9 @@ same seed and per-sample tau, so the split agrees with the thresholds either way
   * --gamma_low/--gamma_high given: Delta <= gamma_low -> D_c, Delta >= gamma_high -> D_p;
   * otherwise (gamma from alpha_c/alpha_p, read from calculate_gamma.py's JSON when present): the
     floor(alpha_c N) smallest Delta -> D_c and the floor(alpha_p N) largest -> D_p, ties broken by a
-    seeded random order (Delta = 0 ties would otherwise put far more than alpha_c N into D_c).
+    seeded random order (Delta = 0 ties would otherwise put far more than alpha_c N into D_c);
+  * --split_rule threshold (opt-in, the original code's rule): those gamma applied as thresholds, so
+    every Delta = 0 tie joins D_c (the same as passing them as --gamma_low/--gamma_high).
 Writes the sets and split_report.json (quality against the ground truth) to the split folder.
 """
 from pathlib import Path
@@ -16,7 +18,7 @@ import numpy as np
 from utils.args import build_parser as shared_parser, describe_args, resolve_device, validate_args
 from utils.errors import UserError, run_main
 from utils.fct import (compute_fct, fct_checkpoint, fct_settings, load_fct_inputs, split_by_rank, split_by_threshold,
-                       split_report)
+                       split_report, thresholds)
 from utils.checkpoint import run_meta
 from utils.files import folder_lock, read_json, read_npy, refuse_other_settings
 from utils.logger import print_header
@@ -37,6 +39,11 @@ def choose_sets(args, values, gamma_file):
     if args.gamma_low is not None:  # the parser makes sure both are given, gamma_low < gamma_high
         print(f"threshold rule: gamma_low {args.gamma_low}, gamma_high {args.gamma_high}")
         sets, rule = split_by_threshold(values, args.gamma_low, args.gamma_high), "threshold"
+    elif args.split_rule == "threshold":
+        gamma_c, gamma_p = thresholds(values, args.clean_ratio, args.poison_ratio)
+        print(f"threshold rule (--split_rule threshold): gamma_c {gamma_c:.6g}, gamma_p {gamma_p:.6g} from alpha_c "
+              f"{args.clean_ratio}, alpha_p {args.poison_ratio}")
+        sets, rule = split_by_threshold(values, gamma_c, gamma_p), "threshold"
     else:
         saved = read_json(gamma_file, "the thresholds") if gamma_file.exists() else None
         if saved and (saved.get("clean_ratio"), saved.get("poison_ratio")) == (args.clean_ratio, args.poison_ratio):
@@ -61,11 +68,21 @@ def choose_sets(args, values, gamma_file):
 SPLIT_KEYS = ("trans1", "trans2", "fct_draws", "gamma_low", "gamma_high", "checkpoint_load", "trigger_asset")
 
 
+def split_rule(args):
+    return "threshold" if args.gamma_low is not None or args.split_rule == "threshold" else "rank"
+
+
 def check_earlier_split(folder, args):
-    """UserError when ``folder`` holds a split made with other SPLIT_KEYS, unless --overwrite."""
+    """UserError when ``folder`` holds a split made with other SPLIT_KEYS or by the other rule (its
+    report's ``rule``), unless --overwrite."""
     new = describe_args(args)
+    report = folder / "split_report.json"
     refuse_other_settings(folder / "split_meta.json", {k: new.get(k) for k in SPLIT_KEYS}, args.overwrite,
-                          f"the split in {folder}", guarded=[folder / "split_report.json"])
+                          f"the split in {folder}", guarded=[report])
+    made = read_json(report, "the split report").get("rule") if report.exists() and not args.overwrite else None
+    if made not in (None, split_rule(args)):
+        raise UserError(f"the split in {folder} was made by the {made} rule (this run: {split_rule(args)}); pass "
+                        "--overwrite to replace it, or keep it by using another --save_root")
 
 
 def delta_is_current(out, ckpt, args):

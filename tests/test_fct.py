@@ -194,6 +194,27 @@ def test_split_made_with_another_tau_is_not_replaced_silently(sd_run, tmp_path):
     assert json.loads((folder / "split_meta.json").read_text())["trans1"] == "flip"
 
 
+def test_split_rule_threshold_applies_gamma_as_thresholds_and_is_not_mixed_with_a_rank_split(sd_run, tmp_path):
+    """--split_rule threshold: D_c = every Delta <= gamma_c, D_p = every Delta >= gamma_p (the original
+    code's rule, ties included), the same sets as explicit --gamma_low/--gamma_high; a rank split there
+    is not replaced by it without --overwrite."""
+    root, args, values, gamma, _ = sd_run
+    copy = tmp_path / "saved"
+    shutil.copytree(root, copy)
+    script = load_script("separate_samples")
+    flags = ("--poison_rate", 0.2, "--split_rule", "threshold")
+    with pytest.raises(UserError, match="made by the rank rule"):
+        script.main(parse_script_args("separate_samples", copy, *flags))
+    report = script.main(parse_script_args("separate_samples", copy, *flags, "--overwrite"))
+    split = load_split(split_dir(parse_script_args("separate_samples", copy, "--poison_rate", 0.2)))
+    assert report["rule"] == "threshold"
+    assert sorted(split["clean"]["indices"].tolist()) == np.flatnonzero(values <= gamma["gamma_low"]).tolist()
+    assert sorted(split["poison"]["indices"].tolist()) == np.flatnonzero(values >= gamma["gamma_high"]).tolist()
+    explicit = script.main(parse_script_args("separate_samples", copy, "--poison_rate", 0.2, "--overwrite",
+                                             "--gamma_low", gamma["gamma_low"], "--gamma_high", gamma["gamma_high"]))
+    assert (explicit["n_clean_set"], explicit["n_poison_set"]) == (report["n_clean_set"], report["n_poison_set"])
+
+
 def test_split_reads_the_delta_file_of_the_same_model_and_computes_it_for_a_newer_one(sd_run, tmp_path, monkeypatch):
     """SD step 5 takes Delta from calculate_consistency.py's file when that was made from the same
     checkpoint with the same settings; after the model changes it computes Delta again. Same split."""

@@ -148,6 +148,10 @@ def _add_sd(p):
     g.add_argument("--poison_ratio", type=open_unit, default=0.05, help="alpha_p (alpha_c + alpha_p <= 1)")
     g.add_argument("--gamma_low", type=float, default=None, help="gamma_c (default: from calculate_gamma.py)")
     g.add_argument("--gamma_high", type=float, default=None, help="gamma_p (default: from calculate_gamma.py)")
+    g.add_argument("--split_rule", default="rank", choices=("rank", "threshold"),
+                   help="with gamma from alpha_c / alpha_p: 'rank' (the floor(alpha_c N) smallest and floor(alpha_p N) "
+                        "largest Delta, ties broken at random) or 'threshold' (the original code's: Delta <= gamma_c "
+                        "-> D_c, Delta >= gamma_p -> D_p, so every tie at gamma_c joins D_c)")
     g.add_argument("--trans1", default="rotate", choices=FCT_TRANSFORMS, help="first transform of tau")
     g.add_argument("--trans2", default="affine", choices=FCT_TRANSFORMS, help="second transform of tau")
     g.add_argument("--fct_draws", type=positive_int, default=1,
