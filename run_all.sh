@@ -2,7 +2,7 @@
 # Reproduce the paper's tables: for each attack, the numbered steps of the paper-readme in order
 # (clean model for CL, withTrans backdoored model, SD steps 1-5, D-BR, D-ST), then the report.
 #
-#   bash run_all.sh [--recipe paper|quick|full_w16] [--attacks "badnets blend" | all] [--dataset cifar10]
+#   bash run_all.sh [--recipe paper|quick|full_w16|full_w16_threshold] [--attacks "badnets blend" | all] [--dataset cifar10]
 #                   [--data_file F.npz|F.tar.gz|DIR] [--device auto|cpu|cuda] [--save_root DIR]
 #                   [--epoch_scale X] [--st_epochs N] [--seed N] [--results_dir results] [--skip_dst]
 #                   [--jobs_per_gpu K] [--gpus "0 1 ..."]
@@ -11,6 +11,8 @@
 #          paper     the paper's settings (width 64, every attack, CIFAR-10);
 #          full_w16  the paper's SD and D-BR on the full CIFAR-10 (--data_file cifar10_jpeg.tar.gz) with a
 #                    width-16, 20-epoch victim;
+#          full_w16_threshold  full_w16 with the original code's split rule (--split_rule threshold); give
+#                    it its own --save_root (separate_samples.py refuses to replace a full_w16 split);
 #          quick     CPU scale with the opt-ins beyond the paper, on the synthetic dataset unless
 #                    --data_file is given; attacks BadNets and Blend-Strip unless --attacks.
 #          --quick and --full_w16 are short for --recipe quick and --recipe full_w16.

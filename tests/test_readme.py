@@ -1,10 +1,10 @@
 """README.md: its results-at-a-glance table against the committed reports it names, its links, its length.
 
-Pure text parsing (no torch, no training). The "ours" cells (faithful, recipe) and the paper's cells
-must each equal the number of the report row with the same attack name, rounded half-up to the
-decimals the README shows. A "—" cell is a run not made yet: allowed only while no report has that
-attack. Adding an attack to the faithful column is a new report in FAITHFUL_DIR plus its README
-cells, in the same commit: rows are found by attack name.
+Pure text parsing (no torch, no training). This code's cells and the paper's cells must each equal the
+number of the report row with the same attack name, rounded half-up to the decimals the README shows. A
+"—" cell is a run not made yet: allowed only while no report has those numbers for that attack. Adding
+an attack to a column is a new report in that column's folder plus its README cells, in the same
+commit: rows are found by attack name.
 """
 import re
 from decimal import ROUND_HALF_UP, Decimal
@@ -16,23 +16,25 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MAX_README_LINES = 200
 RESULTS_HEADING = "## Results at a glance"
-# faithful: the paper's SD and D-BR on the full CIFAR-10, width 16; one report per attack, every *.md here is read
-FAITHFUL_DIR = ROOT / "results" / "cifar10_full_w16"
-# recipe: the CPU-scale quick recipe on the 5,170-image subset
-RECIPE_REPORT = ROOT / "results" / "cifar10_subset_w16_quick_cpu" / "cifar10.md"
-# paper: the published numbers, as copied into the recipe report's "Published" table
-PAPER_REPORT = RECIPE_REPORT
+# one report per attack in each folder; every *.md there is read
+SOURCE_DIRS = {
+    # the paper's SD, D-BR and D-ST classifier on the full CIFAR-10, width 16 (--recipe full_w16)
+    "faithful": ROOT / "results" / "cifar10_full_w16",
+    # the same with the original code's split rule (--recipe full_w16_threshold), on the same victims
+    "threshold": ROOT / "results" / "cifar10_full_w16_threshold",
+}
+# paper: the published numbers, as copied into a faithful report's "Published" table
+PAPER_REPORT = SOURCE_DIRS["faithful"] / "badnets.md"
 
 # README column -> (source, the report's columns in the cell's order "ACC / ASR (ASR0)")
 COLUMNS = {
     "paper BD": ("paper", ("BD ACC", "BD ASR")),
     "paper D-BR": ("paper", ("D-BR ACC", "D-BR ASR")),
     "paper D-ST": ("paper", ("D-ST ACC", "D-ST ASR")),
-    "faithful BD": ("faithful", ("BD ACC", "BD ASR", "BD ASR0")),
-    "faithful D-BR": ("faithful", ("D-BR ACC", "D-BR ASR", "D-BR ASR0")),
-    "recipe BD": ("recipe", ("BD ACC", "BD ASR", "BD ASR0")),
-    "recipe D-BR": ("recipe", ("D-BR ACC", "D-BR ASR", "D-BR ASR0")),
-    "recipe D-ST": ("recipe", ("D-ST ACC", "D-ST ASR", "D-ST ASR0")),
+    "BD": ("faithful", ("BD ACC", "BD ASR", "BD ASR0")),
+    "D-BR": ("faithful", ("D-BR ACC", "D-BR ASR", "D-BR ASR0")),
+    "D-BR, threshold split": ("threshold", ("D-BR ACC", "D-BR ASR", "D-BR ASR0")),
+    "D-ST": ("faithful", ("D-ST ACC", "D-ST ASR", "D-ST ASR0")),
 }
 NOT_RUN = {"—", "-", ""}
 NUMBER = r"(\d+(?:\.\d+)?)"
@@ -67,15 +69,20 @@ def report_rows(path, published):
 
 
 def source_rows():
-    """{source: {attack: {column: value}}} and {source: the files it read}."""
-    faithful, files = {}, sorted(FAITHFUL_DIR.glob("*.md"))
-    for path in files:
-        for attack, row in report_rows(path, published=False).items():
-            assert attack not in faithful, f"{attack} is in two reports of {FAITHFUL_DIR.relative_to(ROOT)}"
-            faithful[attack] = {**row, "_file": path}
-    recipe = {a: {**r, "_file": RECIPE_REPORT} for a, r in report_rows(RECIPE_REPORT, published=False).items()}
-    paper = {a: {**r, "_file": PAPER_REPORT} for a, r in report_rows(PAPER_REPORT, published=True).items()}
-    return {"faithful": faithful, "recipe": recipe, "paper": paper}
+    """{source: {attack: {column: value, "_file": its report}}}: one report per attack in each folder."""
+    sources = {}
+    for source, folder in SOURCE_DIRS.items():
+        rows = sources[source] = {}
+        for path in sorted(folder.glob("*.md")):
+            for attack, row in report_rows(path, published=False).items():
+                assert attack not in rows, f"{attack} is in two reports of {folder.relative_to(ROOT)}"
+                rows[attack] = {**row, "_file": path}
+    sources["paper"] = {a: {**r, "_file": PAPER_REPORT} for a, r in report_rows(PAPER_REPORT, published=True).items()}
+    return sources
+
+
+def has_numbers(row, report_columns):
+    return row is not None and all(row.get(c, "") not in NOT_RUN for c in report_columns)
 
 
 def results_section(text):
@@ -105,17 +112,17 @@ def mismatches(text, sources):
             cell = cells[column]
             row = sources[source].get(attack)
             if cell in NOT_RUN:
-                if row is not None:  # a report exists: "not yet run" is stale
+                if has_numbers(row, report_columns):  # a report has them: "not yet run" is stale
                     problems.append(f"{attack} / {column}: README shows '{cell}', but "
-                                    f"{row['_file'].relative_to(ROOT)} has the row")
+                                    f"{row['_file'].relative_to(ROOT)} has the numbers")
                 continue
             match = CELL.match(cell)
             shown = [v for v in match.groups() if v is not None] if match else []
             if len(shown) != len(report_columns):
                 problems.append(f"{attack} / {column}: '{cell}' is not '{' / '.join(report_columns)}'")
                 continue
-            if row is None:
-                problems.append(f"{attack} / {column}: no '{attack}' row in the {source} reports")
+            if not has_numbers(row, report_columns):
+                problems.append(f"{attack} / {column}: no '{attack}' numbers in the {source} reports")
                 continue
             used.add(row["_file"])
             for value, name in zip(shown, report_columns):
@@ -132,6 +139,17 @@ def mismatches(text, sources):
 def test_readme_numbers_equal_the_reports():
     problems, _ = mismatches(README.read_text(), source_rows())
     assert not problems, "README's results table disagrees with the reports:\n" + "\n".join(problems)
+
+
+def test_threshold_reports_share_the_faithful_victims():
+    """A threshold-split row is the same victim as the faithful row (only the split differs)."""
+    sources = source_rows()
+    assert sources["threshold"], "no threshold-split report"
+    for attack, row in sources["threshold"].items():
+        faithful = sources["faithful"].get(attack)
+        assert faithful is not None, f"{attack}: a threshold-split report without a faithful one"
+        for column in ("BD ACC", "BD ASR", "BD ASR0"):
+            assert row[column] == faithful[column], (attack, column, row["_file"].name)
 
 
 def test_readme_names_every_report_it_uses():

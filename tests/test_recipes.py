@@ -51,6 +51,17 @@ def test_quick_recipe_sets_the_dbr_opt_ins_and_paper_leaves_them_off():
     assert (paper.clean_ratio, paper.poison_ratio, paper.trans1, paper.trans2) == (0.2, 0.05, "rotate", "affine")
 
 
+def test_full_w16_threshold_is_full_w16_with_only_the_split_rule_changed():
+    base, changed = recipes.RECIPES["full_w16"], recipes.RECIPES["full_w16_threshold"]
+    for step in recipes.STEPS:
+        expected = {**recipes.settings("full_w16", step), "split_rule": "threshold"}
+        assert recipes.settings("full_w16_threshold", step) == expected, step
+    assert base["shared"].get("split_rule") is None  # the paper's rank split
+    assert changed["run_all"] == {**base["run_all"], "report": "full_w16_threshold"}  # its own report name
+    args = load_script("separate_samples").build_parser().parse_args(["--recipe", "full_w16_threshold"])
+    assert (args.split_rule, args.clean_ratio, args.poison_ratio, args.width) == ("threshold", 0.2, 0.05, 16)
+
+
 def test_unknown_recipe_is_refused_with_one_line(capsys):
     parser = load_script("train_attack_noTrans").build_parser()
     with pytest.raises(SystemExit) as exit_info:
