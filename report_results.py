@@ -14,6 +14,7 @@ import pandas as pd
 
 from utils.args import PAPER_ATTACKS as ATTACKS, build_parser as shared_parser, validate_args
 from utils.errors import run_main
+from utils.fct import sd_model_dir
 from utils.paths import REPO_ROOT, backdoor_dir, dataset_tag, fct_outputs, latest_checkpoint, split_dir, st_dir
 from utils.recipes import RECIPES
 from utils.tables import to_markdown
@@ -80,8 +81,8 @@ def collect(args, attack):
 
 
 def fct_files(a):
-    """The FCT values (clean, poisoned) of the newest fine-tuned SD model, if it has them."""
-    ckpt = latest_checkpoint(backdoor_dir(a, "noTrans_ftsimi"))
+    """The FCT values (clean, poisoned) of the newest SD model (--sd_model), if it has them."""
+    ckpt = latest_checkpoint(sd_model_dir(a))
     if ckpt is None:
         return None
     out = fct_outputs(ckpt)

@@ -2,7 +2,7 @@
 # Reproduce the paper's tables: for each attack, the numbered steps of the paper-readme in order
 # (clean model for CL, withTrans backdoored model, SD steps 1-5, D-BR, D-ST), then the report.
 #
-#   bash run_all.sh [--recipe paper|quick|full_w16|full_w16_threshold] [--attacks "badnets blend" | all] [--dataset cifar10]
+#   bash run_all.sh [--recipe paper|quick|full_w16|full_w16_threshold|full_w16_nofinetune] [--attacks "badnets blend" | all] [--dataset cifar10]
 #                   [--data_file F.npz|F.tar.gz|DIR] [--device auto|cpu|cuda] [--save_root DIR]
 #                   [--epoch_scale X] [--st_epochs N] [--seed N] [--results_dir results] [--skip_dst]
 #                   [--jobs_per_gpu K] [--gpus "0 1 ..."]
@@ -13,6 +13,8 @@
 #                    width-16, 20-epoch victim;
 #          full_w16_threshold  full_w16 with the original code's split rule (--split_rule threshold); give
 #                    it its own --save_root (separate_samples.py refuses to replace a full_w16 split);
+#          full_w16_nofinetune  full_w16 with FCT by the noTrans model (no SD step 2) and the unlearning
+#                    bounded at ln(10) per sample; its own --save_root as well;
 #          quick     CPU scale with the opt-ins beyond the paper, on the synthetic dataset unless
 #                    --data_file is given; attacks BadNets and Blend-Strip unless --attacks.
 #          --quick and --full_w16 are short for --recipe quick and --recipe full_w16.
@@ -76,7 +78,7 @@ print(shell(sys.argv[1], float(sys.argv[2])) if sys.argv[1] in RECIPES else "REC
   echo "run_all.sh: cannot read the settings from utils/ with '$PY' (is the environment installed? see README.md)" >&2
   exit 2
 }
-RECIPES=""; eval "$SETTINGS"
+RECIPES=""; SD_MODEL=finetuned; eval "$SETTINGS"
 [ -z "$RECIPES" ] || die "unknown --recipe '$RECIPE' (choose from: $RECIPES)"
 : "${ATTACKS:=$RECIPE_ATTACKS}"
 [ "$ATTACKS" = all ] && ATTACKS=$ALL
@@ -119,7 +121,9 @@ mkdir -p "$RUN_DIR"
 # steps ATTACK: the names of ATTACK's steps, in order
 steps() {
   [ "$1" = cl ] && echo clean_model
-  echo withTrans sd1_noTrans sd2_finetune sd3_fct sd3_plot sd4_gamma sd5_split dbr
+  echo withTrans sd1_noTrans
+  [ "$SD_MODEL" = noTrans ] || echo sd2_finetune   # the recipe's FCT uses the noTrans model: no SD step 2
+  echo sd3_fct sd3_plot sd4_gamma sd5_split dbr
   [ "$SKIP_DST" = 1 ] || echo dst_extractor dst_classifier dst_test
 }
 PLAN=$RUN_DIR/.plan; PROGRESS=$RUN_DIR/.progress; T0=$(date +%s)
@@ -185,7 +189,9 @@ chain() {
   fi
   step withTrans "$attack" $PY train_attack_withTrans.py "${A[@]}" $(epochs withTrans) --overwrite || return
   step sd1_noTrans "$attack" $PY train_attack_noTrans.py "${A[@]}" $(epochs noTrans) --overwrite || return
-  step sd2_finetune "$attack" $PY finetune_attack_noTrans.py "${A[@]}" $(epochs finetune) --overwrite || return
+  if [ "$SD_MODEL" != noTrans ]; then
+    step sd2_finetune "$attack" $PY finetune_attack_noTrans.py "${A[@]}" $(epochs finetune) --overwrite || return
+  fi
   step sd3_fct "$attack" $PY calculate_consistency.py "${A[@]}" || return
   step sd3_plot "$attack" $PY visualize_consistency.py "${A[@]}" || return
   step sd4_gamma "$attack" $PY calculate_gamma.py "${A[@]}" || return

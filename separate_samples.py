@@ -65,7 +65,8 @@ def choose_sets(args, values, gamma_file):
 
 
 # settings that change the split but not its folder name: a split made with others is not replaced silently
-SPLIT_KEYS = ("trans1", "trans2", "fct_draws", "gamma_low", "gamma_high", "checkpoint_load", "trigger_asset")
+SPLIT_KEYS = ("trans1", "trans2", "fct_draws", "gamma_low", "gamma_high", "checkpoint_load", "sd_model",
+              "trigger_asset")
 
 
 def split_rule(args):

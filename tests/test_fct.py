@@ -265,3 +265,31 @@ def test_fct_plot_counts_the_zeros_and_keeps_a_small_poison_set_visible():
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     assert any("4,000 clean, 0 poisoned" in t.get_text() for t in ax.texts)
     plt.close(fig)
+
+
+def test_sd_model_notrans_measures_delta_with_the_newest_notrans_model_and_the_split_records_it(sd_run, tmp_path):
+    """--sd_model noTrans (opt-in): SD steps 3-5 use the newest noTrans checkpoint instead of the
+    fine-tuned one; a split made from the other model is not replaced without --overwrite."""
+    from utils.fct import fct_checkpoint
+    from utils.paths import latest_checkpoint
+    root, _, _, _, _ = sd_run
+    copy = tmp_path / "saved"
+    shutil.copytree(root, copy)
+    flags = ("--poison_rate", 0.2, "--sd_model", "noTrans")
+    args = parse_script_args("calculate_consistency", copy, *flags)
+    no_trans = latest_checkpoint(backdoor_dir(args, "noTrans"))
+    assert str(fct_checkpoint(args)) == str(no_trans) and no_trans.stem == "8"     # 9 noTrans epochs
+    assert str(fct_checkpoint(parse_script_args("calculate_consistency", copy, "--poison_rate", 0.2))) == \
+        str(latest_checkpoint(backdoor_dir(args, "noTrans_ftsimi")))             # the paper's default
+    values = load_script("calculate_consistency").main(args)
+    assert np.array_equal(np.load(no_trans.parent / "8_fct.npy"), values) and len(values) == 2000
+    split = load_script("separate_samples")
+    folder = split_dir(args)
+    with pytest.raises(UserError, match="sd_model"):
+        split.main(parse_script_args("separate_samples", copy, *flags))
+    report = split.main(parse_script_args("separate_samples", copy, *flags, "--overwrite"))
+    assert report["fct_seconds"] == 0.0                                              # read from the noTrans Delta file
+    assert json.loads((folder / "split_meta.json").read_text())["sd_model"] == "noTrans"
+    # no noTrans model yet: one line naming the step that makes it
+    with pytest.raises(UserError, match="train_attack_noTrans.py"):
+        fct_checkpoint(parse_script_args("calculate_consistency", tmp_path / "empty", *flags))

@@ -2,6 +2,7 @@
 resumes without redoing finished steps."""
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -210,3 +211,27 @@ def test_run_all_rejects_unknown_attack(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
     assert out.returncode == 2 and "unknown attack" in out.stderr
     assert not tmp_path.joinpath("run_all").exists()   # nothing written for bad input
+
+
+def test_nofinetune_recipe_skips_sd_step_2_and_splits_by_the_notrans_model(tmp_path):
+    """--recipe full_w16_nofinetune: no L_intra fine-tuning; FCT, the split and its report come from
+    the newest noTrans checkpoint; D-BR bounds the ascent at ln(10)."""
+    from utils.checkpoint import read_checkpoint
+    from utils.paths import latest_checkpoint
+    cmd = ["bash", str(REPO_ROOT / "run_all.sh"), "--recipe", "full_w16_nofinetune", "--dataset", "synthetic",
+           "--attacks", "badnets", "--epoch_scale", "0.05", "--skip_dst", "--device", "cpu",
+           "--save_root", str(tmp_path / "saved"), "--results_dir", str(tmp_path / "results")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "sd2_finetune" not in out.stdout and "[7/7] badnets dbr" in out.stdout
+    models = tmp_path / "saved" / "backdoored_model"
+    assert not list(models.rglob("noTrans_ftsimi"))
+    no_trans = next(models.rglob("noTrans/**/log.csv")).parent
+    newest = latest_checkpoint(no_trans)
+    assert (no_trans / f"{newest.stem}_fct.npy").exists()                 # Delta of the noTrans model
+    meta = json.loads(next((tmp_path / "saved" / "separated_samples").rglob("split_meta.json")).read_text())
+    assert meta["sd_model"] == "noTrans"
+    victim = next(models.rglob("withTrans/**/log.csv")).parent
+    purified = read_checkpoint(next(victim.glob("*_unlearn_purify.tar")))
+    assert purified["args"]["ascent_bound"] == pytest.approx(math.log(10), abs=1e-4)
+    assert "| BadNets-all2one |" in (tmp_path / "results" / "synthetic_full_w16_nofinetune.md").read_text()

@@ -142,6 +142,10 @@ def _add_io(p):
                         "never replaced)")
 
 
+# --sd_model: the model whose Delta SD steps 3-5 use -> the run folder it is taken from (utils/paths.py)
+SD_MODELS = {"finetuned": "noTrans_ftsimi", "noTrans": "noTrans"}
+
+
 def _add_sd(p):
     g = p.add_argument_group("sample distinguishment")
     g.add_argument("--clean_ratio", "---clean_ratio", type=open_unit, default=0.20, help="alpha_c")
@@ -156,6 +160,10 @@ def _add_sd(p):
     g.add_argument("--trans2", default="affine", choices=FCT_TRANSFORMS, help="second transform of tau")
     g.add_argument("--fct_draws", type=positive_int, default=1,
                    help="opt-in, beyond the paper: average Delta over this many random tau per sample")
+    g.add_argument("--sd_model", default="finetuned", choices=SD_MODELS,
+                   help="the model FCT measures Delta with: 'finetuned' (the paper: the newest L_intra fine-tuned "
+                        "model) or 'noTrans' (opt-in, beyond the paper: the newest noTrans model, so SD step 2 is "
+                        "not needed)")
     g.add_argument("--sd_width", type=positive_int, default=None,
                    help="width of the SD models whose split is used (default: --width)")
 

@@ -128,17 +128,27 @@ def split_report(sets, is_poisoned, values):
     }
 
 
+def sd_model_dir(args):
+    """The run folder of the SD model that --sd_model names (the fine-tuned one by default)."""
+    from utils.args import SD_MODELS
+    from utils.paths import backdoor_dir
+    return backdoor_dir(args, SD_MODELS[getattr(args, "sd_model", "finetuned")])
+
+
 def fct_checkpoint(args):
-    """The fine-tuned SD model: --checkpoint_load, or the newest one of the noTrans_ftsimi run."""
+    """The SD model that Delta is measured with: --checkpoint_load, or the newest one of the run
+    that --sd_model names (the paper: noTrans_ftsimi, the L_intra fine-tuned model)."""
     from utils.errors import UserError
-    from utils.paths import backdoor_dir, latest_checkpoint
+    from utils.paths import latest_checkpoint
     if args.checkpoint_load:
         return args.checkpoint_load
-    path = latest_checkpoint(backdoor_dir(args, "noTrans_ftsimi"))
+    folder = sd_model_dir(args)
+    path = latest_checkpoint(folder)
     if path is None:
-        raise UserError(f"no fine-tuned model in {backdoor_dir(args, 'noTrans_ftsimi')}; run "
-                        "finetune_attack_noTrans.py first or pass --checkpoint_load")
-    print(f"using the newest fine-tuned checkpoint {path}")
+        which = getattr(args, "sd_model", "finetuned")
+        script = "finetune_attack_noTrans.py" if which == "finetuned" else "train_attack_noTrans.py"
+        raise UserError(f"no {which} SD model in {folder}; run {script} first or pass --checkpoint_load")
+    print(f"using the newest {getattr(args, 'sd_model', 'finetuned')} SD model {path}")
     return path
 
 
