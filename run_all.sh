@@ -13,8 +13,8 @@
 #                    width-16, 20-epoch victim;
 #          full_w16_threshold  full_w16 with the original code's split rule (--split_rule threshold); give
 #                    it its own --save_root (separate_samples.py refuses to replace a full_w16 split);
-#          full_w16_nofinetune  full_w16 with FCT by the noTrans model (no SD step 2) and the unlearning
-#                    bounded at ln(10) per sample; its own --save_root as well;
+#          full_w16_nofinetune  full_w16 with FCT by the noTrans model (no SD step 2, the L_intra
+#                    fine-tuning); its own --save_root as well;
 #          quick     CPU scale with the opt-ins beyond the paper, on the synthetic dataset unless
 #                    --data_file is given; attacks BadNets and Blend-Strip unless --attacks.
 #          --quick and --full_w16 are short for --recipe quick and --recipe full_w16.

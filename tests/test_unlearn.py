@@ -223,3 +223,27 @@ def test_dominant_label_estimate_ignores_clean_images_of_other_labels():
     everything = dbr.estimate_trigger(poison_set, clean[170:])[1].median().item()
     dominant = dbr.estimate_trigger(part, clean[170:])[1].median().item()
     assert abs(dominant - 0.3) < 0.08 and everything < dominant - 0.1
+
+
+def test_unlearn_source_dominant_label_ascends_only_on_dp_samples_of_its_most_common_label(victim, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """--unlearn_source dominant_label: the ascent sees exactly D_p's samples of its most common label."""
+    module = load_script("unlearn_relearn")
+    seen = []
+    real = module.train_epoch
+
+    def spy(model, data, *a, **k):
+        seen.append(data.labels.clone())
+        return real(model, data, *a, **k)
+
+    monkeypatch.setattr(module, "train_epoch", spy)
+    argv = ("--poison_rate", 0.2, "--epochs", 1, "--unlearn_source", "dominant_label",
+            "--checkpoint_save", tmp_path / "dbr.tar", "--log", tmp_path / "dbr.csv")
+    args = parse_script_args("unlearn_relearn", victim, *argv)
+    labels = load_split(split_dir(args), args)["poison"]["labels"]
+    label = int(torch.bincount(labels).argmax())
+    module.main(args)
+    unlearned, relearned = seen
+    assert len(unlearned) == int((labels == label).sum()) < len(labels) and set(unlearned.tolist()) == {label}
+    assert len(relearned) == len(load_split(split_dir(args), args)["clean"]["labels"])
+    assert f"labelled {label}" in capsys.readouterr().out

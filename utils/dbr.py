@@ -20,6 +20,10 @@ The opt-ins beyond the paper (off by default; BENCHMARKS.md, "What each opt-in d
   ``--stamp_jitter J`` draws each stamp's strength from [1 - J, 1 + J];
   ``--stamp_source dominant_label`` estimates from D_p's most common label only (the target of a
   dirty-label all2one attack), so that the clean images FCT let into D_p do not dilute it.
+- ``--unlearn_source dominant_label``: the ascent runs on D_p's samples of its most common label
+  only. An all2one or clean-label attack gives every poisoned sample the target label, so this keeps
+  the poison and drops the clean images of the other classes that FCT let into D_p (which the
+  ascent would otherwise unlearn, at the cost of their classes' accuracy).
 - ``--balance_classes``: the relearning cross-entropy weighs every class of D_c the same (the FCT
   split over-represents the target class in D_c).
 """
@@ -68,6 +72,10 @@ def add_opt_in_flags(parser):
     g.add_argument("--stamp_source", default="poison_set", choices=("poison_set", "dominant_label"),
                    help="with --relearn_stamp: estimate the trigger from all of D_p, or from its samples of "
                         "D_p's most common label (the target of an all2one attack)")
+    g.add_argument("--unlearn_source", default="poison_set", choices=("poison_set", "dominant_label"),
+                   help="unlearn all of D_p, or only its samples of D_p's most common label (the target of an "
+                        "all2one or clean-label attack), so that the clean images of other classes that FCT let "
+                        "into D_p are not unlearned")
     g.add_argument("--balance_classes", action="store_true",
                    help="weight the relearning cross-entropy so every class of D_c counts the same (the FCT "
                         "split is not class-balanced: the target class is often over-represented in D_c)")
@@ -125,6 +133,11 @@ class Training:
                 raise UserError(f"--select_holdout {args.select_holdout} holds out no sample of D_p or D_c; "
                                 "use a larger share")
             self.held = {"poison": held_poison, "clean": held_clean}
+        if args.unlearn_source == "dominant_label":
+            label, chosen = dominant_label(poison["labels"])
+            print(f"unlearning the {int(chosen.sum())} D_p samples labelled {label} "
+                  f"({chosen.float().mean().item():.0%} of D_p), D_p's most common label")
+            poison = {key: v[chosen] for key, v in poison.items()}
         self.poison, self.clean = as_train_data(poison, rt), as_train_data(clean, rt)
         self.augment = self.relearn_augment = train_augmentation(args.dataset)
         if args.relearn_stamp:
@@ -212,9 +225,14 @@ def estimate_trigger(poison_images, clean_images):
 
 def dominant_label_part(images, labels):
     """The images of the most common label (its share of the set is printed by the caller)."""
-    label = int(torch.bincount(labels).argmax())
-    chosen = labels == label
+    label, chosen = dominant_label(labels)
     return images[chosen], label, chosen.float().mean().item()
+
+
+def dominant_label(labels):
+    """(the most common label, the mask of the samples that carry it)."""
+    label = int(torch.bincount(labels).argmax())
+    return label, labels == label
 
 
 def stamp_trigger(x, trigger):

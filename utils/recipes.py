@@ -12,9 +12,9 @@ benchmarks and ``report_results.py`` read the recipes from here; nothing else ho
   threshold``): γ_c and γ_p applied as thresholds, so every Δ at or below γ_c joins D̂_c. The one
   change beyond the paper that the full-data D-BR measured with (BENCHMARKS.md, "D-BR").
 - ``full_w16_nofinetune``: ``full_w16`` with FCT measured by the noTrans model (``--sd_model noTrans``),
-  so SD step 2 (the L_intra fine-tuning) is skipped, and the unlearning bounded per sample at
-  ``--ascent_bound ln(10)``. At width 16 the fine-tuning collapses onto the target class and takes
-  the clean-label poison's ranking with it (SIG: AUROC 0.88 before it, 0.48 after; BENCHMARKS.md).
+  so SD step 2 (the L_intra fine-tuning) is skipped; nothing else changes. At width 16 the fine-tuning
+  collapses onto the target class and takes the clean-label poison's ranking with it (SIG: AUROC 0.88
+  before it, 0.48 after; BENCHMARKS.md).
 - ``quick``: CPU scale on the 5,170-image subset or the synthetic set, with the opt-ins beyond the
   paper that measured best there (BENCHMARKS.md). Those opt-ins were chosen while looking at the test
   set and the ground-truth split.
@@ -82,11 +82,9 @@ FULL_W16_THRESHOLD = {
 
 FULL_W16_NOFINETUNE = {
     **FULL_W16,
-    "about": "full_w16 with FCT by the noTrans model (no L_intra fine-tuning, which collapses at width 16) "
-             "and the unlearning bounded per sample at chance level, ln(10)",
+    "about": "full_w16 with FCT by the noTrans model: no L_intra fine-tuning, which collapses at width 16",
     "run_all": {**FULL_W16["run_all"], "report": "full_w16_nofinetune"},
     "shared": {**FULL_W16["shared"], "sd_model": "noTrans"},
-    "dbr": {**FULL_W16["dbr"], "ascent_bound": round(math.log(10), 4)},
 }
 
 _QUICK_VICTIM = {"epochs": 40, "schedule": [20, 30]}
