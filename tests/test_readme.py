@@ -22,6 +22,8 @@ SOURCE_DIRS = {
     "faithful": ROOT / "results" / "cifar10_full_w16",
     # the same with the original code's split rule (--recipe full_w16_threshold), on the same victims
     "threshold": ROOT / "results" / "cifar10_full_w16_threshold",
+    # FCT by the noTrans model, no L_intra fine-tuning (--recipe full_w16_nofinetune)
+    "nofinetune": ROOT / "results" / "cifar10_full_w16_nofinetune",
 }
 # paper: the published numbers, as copied into a faithful report's "Published" table
 PAPER_REPORT = SOURCE_DIRS["faithful"] / "badnets.md"
@@ -34,6 +36,7 @@ COLUMNS = {
     "BD": ("faithful", ("BD ACC", "BD ASR", "BD ASR0")),
     "D-BR": ("faithful", ("D-BR ACC", "D-BR ASR", "D-BR ASR0")),
     "D-BR, threshold split": ("threshold", ("D-BR ACC", "D-BR ASR", "D-BR ASR0")),
+    "D-BR, noTrans SD": ("nofinetune", ("D-BR ACC", "D-BR ASR", "D-BR ASR0")),
     "D-ST": ("faithful", ("D-ST ACC", "D-ST ASR", "D-ST ASR0")),
 }
 NOT_RUN = {"—", "-", ""}
