@@ -78,7 +78,7 @@ print(shell(sys.argv[1], float(sys.argv[2])) if sys.argv[1] in RECIPES else "REC
   echo "run_all.sh: cannot read the settings from utils/ with '$PY' (is the environment installed? see README.md)" >&2
   exit 2
 }
-RECIPES=""; SD_MODEL=finetuned; eval "$SETTINGS"
+RECIPES=""; eval "$SETTINGS"
 [ -z "$RECIPES" ] || die "unknown --recipe '$RECIPE' (choose from: $RECIPES)"
 : "${ATTACKS:=$RECIPE_ATTACKS}"
 [ "$ATTACKS" = all ] && ATTACKS=$ALL

@@ -132,7 +132,7 @@ def sd_model_dir(args):
     """The run folder of the SD model that --sd_model names (the fine-tuned one by default)."""
     from utils.args import SD_MODELS
     from utils.paths import backdoor_dir
-    return backdoor_dir(args, SD_MODELS[getattr(args, "sd_model", "finetuned")])
+    return backdoor_dir(args, SD_MODELS[args.sd_model])
 
 
 def fct_checkpoint(args):
@@ -145,10 +145,9 @@ def fct_checkpoint(args):
     folder = sd_model_dir(args)
     path = latest_checkpoint(folder)
     if path is None:
-        which = getattr(args, "sd_model", "finetuned")
-        script = "finetune_attack_noTrans.py" if which == "finetuned" else "train_attack_noTrans.py"
-        raise UserError(f"no {which} SD model in {folder}; run {script} first or pass --checkpoint_load")
-    print(f"using the newest {getattr(args, 'sd_model', 'finetuned')} SD model {path}")
+        script = "finetune_attack_noTrans.py" if args.sd_model == "finetuned" else "train_attack_noTrans.py"
+        raise UserError(f"no {args.sd_model} SD model in {folder}; run {script} first or pass --checkpoint_load")
+    print(f"using the newest {args.sd_model} SD model {path}")
     return path
 
 
