@@ -247,3 +247,28 @@ def test_unlearn_source_dominant_label_ascends_only_on_dp_samples_of_its_most_co
     assert len(unlearned) == int((labels == label).sum()) < len(labels) and set(unlearned.tolist()) == {label}
     assert len(relearned) == len(load_split(split_dir(args), args)["clean"]["labels"])
     assert f"labelled {label}" in capsys.readouterr().out
+
+
+def test_unlearn_source_dominant_label_with_holdout_holds_out_only_dominant_label_samples(victim, tmp_path,
+                                                                                        monkeypatch):
+    """--unlearn_source dominant_label with --select_holdout: the held-out D_p, which scores the
+    label-free selection, is drawn from the same dominant-label samples as the unlearned D_p."""
+    module = load_script("unlearn_relearn")
+    built = []
+    real = module.dbr.Training
+
+    def spy(*a, **k):
+        built.append(real(*a, **k))
+        return built[-1]
+
+    monkeypatch.setattr(module.dbr, "Training", spy)
+    argv = ("--poison_rate", 0.2, "--epochs", 1, "--unlearn_source", "dominant_label", "--select_holdout", 0.25,
+            "--checkpoint_save", tmp_path / "dbr.tar", "--log", tmp_path / "dbr.csv")
+    args = parse_script_args("unlearn_relearn", victim, *argv)
+    labels = load_split(split_dir(args), args)["poison"]["labels"]
+    label = int(torch.bincount(labels).argmax())
+    module.main(args)
+    sets, n = built[0], int((labels == label).sum())
+    held = sets.held["poison"]["labels"]
+    assert set(held.tolist()) == {label} and set(sets.poison.labels.tolist()) == {label}
+    assert len(held) == round(0.25 * n) and len(held) + len(sets.poison.labels) == n < len(labels)

@@ -126,6 +126,11 @@ class Training:
     def __init__(self, args, split, rt, g, out):
         poison, clean = split["poison"], split["clean"]
         self.held = None
+        if args.unlearn_source == "dominant_label":   # before the hold-out: held-out D_p is the same kind
+            label, chosen = dominant_label(poison["labels"])
+            print(f"unlearning the D_p samples labelled {label}, D_p's most common label: "
+                  f"{int(chosen.sum())} ({chosen.float().mean().item():.0%} of D_p) before any hold-out")
+            poison = {key: v[chosen] for key, v in poison.items()}
         if args.select_holdout:
             poison, held_poison = hold_out(poison, args.select_holdout, g)
             clean, held_clean = hold_out(clean, args.select_holdout, g)
@@ -133,11 +138,6 @@ class Training:
                 raise UserError(f"--select_holdout {args.select_holdout} holds out no sample of D_p or D_c; "
                                 "use a larger share")
             self.held = {"poison": held_poison, "clean": held_clean}
-        if args.unlearn_source == "dominant_label":
-            label, chosen = dominant_label(poison["labels"])
-            print(f"unlearning the {int(chosen.sum())} D_p samples labelled {label} "
-                  f"({chosen.float().mean().item():.0%} of D_p), D_p's most common label")
-            poison = {key: v[chosen] for key, v in poison.items()}
         self.poison, self.clean = as_train_data(poison, rt), as_train_data(clean, rt)
         self.augment = self.relearn_augment = train_augmentation(args.dataset)
         if args.relearn_stamp:
