@@ -3,7 +3,8 @@ minutes per step and the FCT histograms of all attacks (results/<dataset>_fct.pn
 
 Reads, for each attack, the paths that utils.paths derives from the same flags run_all.sh used:
 the withTrans log.csv (backdoored model), unlearn_purify.csv (D-BR: best-by-test and last rows),
-the D-ST test CSV, split_report.json and the FCT text files.
+the D-ST test CSV (and the undefended baseline's, --undefended, where it was run), split_report.json
+and the FCT text files.
 """
 import argparse
 import json
@@ -17,6 +18,7 @@ from utils.errors import run_main
 from utils.fct import sd_model_dir
 from utils.paths import REPO_ROOT, backdoor_dir, dataset_tag, fct_outputs, latest_checkpoint, split_dir, st_dir
 from utils.recipes import RECIPES
+from utils.st import st_run_root
 from utils.tables import to_markdown
 
 PAPER_CIFAR10 = {  # paper-readme.md: backdoored ACC/ASR, D-BR ACC/ASR, D-ST ACC/ASR
@@ -69,9 +71,13 @@ def collect(args, attack):
     for name, log in (("BD", bd), ("D-BR", dbr)):  # the paper's ACC: on the test images of other classes
         if log is not None and "Test_ACC_nontarget" in log:
             row[f"{name} ACC non-target"] = log["Test_ACC_nontarget"].iloc[-1]
-    dst = read_csv(st_dir(a) / "test.csv")
-    if dst is not None:
-        row.update(zip(("D-ST ACC", "D-ST ASR", "D-ST ASR0"), dst.iloc[-1][list(cols)]))
+    undefended = argparse.Namespace(**{**vars(a), "undefended": True})   # same extractor budget, no split
+    for name, path in (("D-ST", st_dir(a)), ("undefended", st_run_root(undefended))):
+        log = read_csv(path / "test.csv")
+        if log is not None:
+            row.update(zip((f"{name} ACC", f"{name} ASR", f"{name} ASR0"), log.iloc[-1][list(cols)]))
+            if "Test_ACC_nontarget" in log:
+                row[f"{name} ACC non-target"] = log["Test_ACC_nontarget"].iloc[-1]
     report = split_dir(a) / "split_report.json"
     if report.exists():
         r = json.loads(report.read_text())
@@ -149,7 +155,11 @@ def main(args):
              "predicts the attack target on the clean versions of the backdoor test images (its base rate). "
              "D-BR: last epoch (no test-set selection) and, as the paper did, the epoch with the best "
              "ACC - ASR on the test set (chosen by looking at the test set). ACC non-target: on the test images "
-             "of the classes other than the target, the ACC the paper reports.", "", to_markdown(table)]
+             "of the classes other than the target, the ACC the paper reports."]
+    if any("undefended ACC" in r for r in rows):
+        lines[-1] += (" undefended: the D-ST extractor and classifier at the same budget trained on every sample "
+                      "with its label (--undefended), the baseline D-ST is read against.")
+    lines += ["", to_markdown(table)]
     if args.dataset == "cifar10":
         paper = pd.DataFrame([{"Attack": k, "BD ACC": v[0], "BD ASR": v[1], "D-BR ACC": v[2], "D-BR ASR": v[3],
                                "D-ST ACC": v[4], "D-ST ASR": v[5]} for k, v in PAPER_CIFAR10.items()])

@@ -37,7 +37,13 @@ def test_report_on_fake_logs(tmp_path):
                   "Test_ASR0": [4.5, 4.0, 3.5]}).to_csv(wt / "unlearn_purify.csv", index=False)
     st = st_dir(a)
     st.mkdir(parents=True)
-    pd.DataFrame({"Test_ACC": [44.4], "Test_ASR": [5.5], "Test_ASR0": [5.25]}).to_csv(st / "test.csv", index=False)
+    pd.DataFrame({"Test_ACC": [44.4], "Test_ASR": [5.5], "Test_ASR0": [5.25], "Test_ACC_nontarget": [43.5]}
+                 ).to_csv(st / "test.csv", index=False)
+    from utils.st import st_run_root
+    undefended = st_run_root(argparse.Namespace(**{**vars(a), "undefended": True}))   # the baseline, no split
+    undefended.mkdir(parents=True)
+    pd.DataFrame({"Test_ACC": [66.6], "Test_ASR": [97.75], "Test_ASR0": [6.5]}).to_csv(undefended / "test.csv",
+                                                                                       index=False)
     split_dir(a).mkdir(parents=True)
     (split_dir(a) / "split_report.json").write_text(json.dumps(
         {"poison_in_clean_set_pct": 0.1, "poison_in_poison_set_pct": 98.5, "auroc": 0.99}))
@@ -57,8 +63,11 @@ def test_report_on_fake_logs(tmp_path):
     assert (row["BD ACC"], row["BD ASR"], row["D-BR ACC"], row["D-BR ASR"]) == (61.5, 99.25, 58.0, 12.0)
     assert (row["D-BR best ACC"], row["D-BR best ASR"]) == (60.0, 1.0)      # best ACC - ASR row
     assert (row["D-ST ACC"], row["D-ST ASR"], row["D-ST ASR0"]) == (44.4, 5.5, 5.25)
+    assert row["D-ST ACC non-target"] == 43.5
+    assert (row["undefended ACC"], row["undefended ASR"], row["undefended ASR0"]) == (66.6, 97.75, 6.5)
     md = (tmp_path / "res" / "synthetic_w16.md").read_text()
     assert "| BadNets-all2one | 61.50 | 99.25 |" in md and "Minutes per step" in md and "2.00" in md
+    assert "| 44.40 | 5.50 | 5.25 | 43.50 | 66.60 | 97.75 | 6.50 |" in md and "(--undefended)" in md
     assert (tmp_path / "res" / "synthetic_w16_fct.png").stat().st_size > 10_000
     assert (tmp_path / "res" / "synthetic_w16_dbr.png").stat().st_size > 10_000 and "synthetic_w16_dbr.png" in md
 
