@@ -4,7 +4,7 @@
 #
 #   bash run_all.sh [--recipe paper|quick|full_w16|full_w16_threshold|full_w16_nofinetune] [--attacks "badnets blend" | all] [--dataset cifar10]
 #                   [--data_file F.npz|F.tar.gz|DIR] [--device auto|cpu|cuda] [--save_root DIR]
-#                   [--epoch_scale X] [--st_epochs N] [--seed N] [--results_dir results] [--skip_dst]
+#                   [--epoch_scale X] [--st_epochs N] [--seed N] [--results_dir results] [--skip_dst | --skip_dbr]
 #                   [--jobs_per_gpu K] [--gpus "0 1 ..."]
 #
 # --recipe: the named settings of utils/recipes.py, passed to every step as --recipe (default paper):
@@ -20,6 +20,8 @@
 #          --quick and --full_w16 are short for --recipe quick and --recipe full_w16.
 # --epoch_scale X: multiplies every epoch count (tests use a tiny value); --st_epochs N: D-ST extractor epochs.
 # --skip_dst: stop each attack after D-BR (the D-ST columns of the report stay empty).
+# --skip_dbr: D-ST alone, which needs no backdoored model: no withTrans victim and no D-BR (the BD and D-BR
+#          columns stay empty); the SD steps and D-ST run as without it.
 # --jobs_per_gpu K: run K attacks at a time, each chain as its own process: K per GPU of --gpus (each job
 #          sees one GPU), or, without --gpus, K side by side on the CPU with one torch thread each.
 # A step whose output is complete is skipped (an interrupted run resumes); the first failing step
@@ -30,7 +32,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
 RECIPE=paper; ATTACKS=""; DATASET=""; DATA_FILE=""; DEVICE=auto; SAVE_ROOT=./saved; SCALE=1; ST_EPOCHS=""
-RESULTS_DIR=results; SEED=""; SKIP_DST=0; JOBS=1; GPUS=""
+RESULTS_DIR=results; SEED=""; SKIP_DST=0; SKIP_DBR=0; JOBS=1; GPUS=""
 die() { echo "run_all.sh: $* (see --help)" >&2; exit 2; }
 # value FLAG ARGS...: the value after FLAG, refused when missing or when it is the next flag
 value() { [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || die "$1 needs a value"; printf '%s' "$2"; }
@@ -49,6 +51,7 @@ while [ $# -gt 0 ]; do
     --results_dir) RESULTS_DIR=$(value "$@") || exit 2; shift ;;
     --seed) SEED=$(value "$@") || exit 2; shift ;;           # poisoned set and training seed (default: the scripts' 1000)
     --skip_dst) SKIP_DST=1 ;;
+    --skip_dbr) SKIP_DBR=1 ;;
     --jobs_per_gpu) JOBS=$(value "$@") || exit 2; shift ;;
     --gpus) GPUS=$(value "$@") || exit 2; shift ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#'; exit 0 ;;
@@ -64,6 +67,7 @@ done
 [ -z "$GPUS" ] || [[ "$GPUS" =~ ^[0-9]+( +[0-9]+)*$ ]] || die "--gpus must be GPU numbers separated by spaces, got '$GPUS'"
 case "$DEVICE" in auto|cpu|cuda) ;; *) die "--device must be auto, cpu or cuda, got '$DEVICE'" ;; esac
 [ -n "$GPUS" ] && [ "$DEVICE" = cpu ] && die "--gpus asks for GPUs, but --device is cpu"
+[ "$SKIP_DST$SKIP_DBR" = 11 ] && die "--skip_dst and --skip_dbr together leave no defense to run"
 [ -z "$DATA_FILE" ] || [ -e "$DATA_FILE" ] || die "--data_file $DATA_FILE does not exist"
 
 # the attack table (utils/args.py) and the recipe (utils/recipes.py) live in one place each: read them
@@ -121,9 +125,11 @@ mkdir -p "$RUN_DIR"
 # steps ATTACK: the names of ATTACK's steps, in order
 steps() {
   [ "$1" = cl ] && echo clean_model
-  echo withTrans sd1_noTrans
+  [ "$SKIP_DBR" = 1 ] || echo withTrans
+  echo sd1_noTrans
   [ "$SD_MODEL" = noTrans ] || echo sd2_finetune   # the recipe's FCT uses the noTrans model: no SD step 2
-  echo sd3_fct sd3_plot sd4_gamma sd5_split dbr
+  echo sd3_fct sd3_plot sd4_gamma sd5_split
+  [ "$SKIP_DBR" = 1 ] || echo dbr
   [ "$SKIP_DST" = 1 ] || echo dst_extractor dst_classifier dst_test
 }
 PLAN=$RUN_DIR/.plan; PROGRESS=$RUN_DIR/.progress; T0=$(date +%s)
@@ -187,7 +193,9 @@ chain() {
   if [ "$attack" = cl ]; then
     step clean_model "$attack" $PY train_clean_withTrans.py "${COMMON[@]}" $(epochs clean_model) --overwrite || return
   fi
-  step withTrans "$attack" $PY train_attack_withTrans.py "${A[@]}" $(epochs withTrans) --overwrite || return
+  if [ "$SKIP_DBR" != 1 ]; then
+    step withTrans "$attack" $PY train_attack_withTrans.py "${A[@]}" $(epochs withTrans) --overwrite || return
+  fi
   step sd1_noTrans "$attack" $PY train_attack_noTrans.py "${A[@]}" $(epochs noTrans) --overwrite || return
   if [ "$SD_MODEL" != noTrans ]; then
     step sd2_finetune "$attack" $PY finetune_attack_noTrans.py "${A[@]}" $(epochs finetune) --overwrite || return
@@ -196,7 +204,9 @@ chain() {
   step sd3_plot "$attack" $PY visualize_consistency.py "${A[@]}" || return
   step sd4_gamma "$attack" $PY calculate_gamma.py "${A[@]}" || return
   step sd5_split "$attack" $PY separate_samples.py "${A[@]}" || return
-  step dbr "$attack" $PY unlearn_relearn.py "${A[@]}" $(epochs dbr) --overwrite || return
+  if [ "$SKIP_DBR" != 1 ]; then
+    step dbr "$attack" $PY unlearn_relearn.py "${A[@]}" $(epochs dbr) --overwrite || return
+  fi
   [ "$SKIP_DST" = 1 ] && return 0
   step dst_extractor "$attack" $PY ST/train_extractor.py "${A[@]}" $(epochs st_extractor) --overwrite || return
   step dst_classifier "$attack" $PY ST/train_classifier.py "${A[@]}" $(epochs st_classifier) --overwrite || return

@@ -206,6 +206,7 @@ def test_second_run_all_on_one_save_root_is_refused(tmp_path):
     (["--jobs_per_gpu", "0"], "--jobs_per_gpu must be a positive integer"),
     (["--gpus", "a b"], "--gpus must be GPU numbers"),
     (["--gpus", "0", "--device", "cpu"], "--gpus asks for GPUs, but --device is cpu"),
+    (["--skip_dst", "--skip_dbr"], "leave no defense to run"),
 ])
 def test_run_all_refuses_bad_flags_with_one_line(tmp_path, flags, message):
     out = subprocess.run(["bash", str(REPO_ROOT / "run_all.sh"), "--save_root", str(tmp_path / "saved"), *flags],
@@ -243,3 +244,20 @@ def test_nofinetune_recipe_skips_sd_step_2_and_splits_by_the_notrans_model(tmp_p
     purified = read_checkpoint(next(victim.glob("*_unlearn_purify.tar")))
     assert purified["args"]["ascent_bound"] is None and purified["args"]["sd_model"] == "noTrans"
     assert "| BadNets-all2one |" in (tmp_path / "results" / "synthetic_full_w16_nofinetune.md").read_text()
+
+
+def test_skip_dbr_runs_sd_and_dst_without_a_victim(tmp_path):
+    """--skip_dbr: D-ST alone. No withTrans victim is trained and no D-BR runs; the SD steps make the
+    split, D-ST trains on it, and the report has the D-ST and split columns only."""
+    cmd = ["bash", str(REPO_ROOT / "run_all.sh"), "--quick", "--attacks", "badnets", "--epoch_scale", "0.05",
+           "--st_epochs", "1", "--skip_dbr", "--device", "cpu", "--save_root", str(tmp_path / "saved"),
+           "--results_dir", str(tmp_path / "results")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    done = re.findall(r"\[\d+/(\d+)\] badnets (\w+):", out.stdout)
+    assert [name for _, name in done] == ["sd1_noTrans", "sd2_finetune", "sd3_fct", "sd3_plot", "sd4_gamma",
+                                          "sd5_split", "dst_extractor", "dst_classifier", "dst_test"]
+    assert {total for total, _ in done} == {"9"}
+    assert not list((tmp_path / "saved" / "backdoored_model").rglob("withTrans"))
+    table = (tmp_path / "results" / "synthetic.md").read_text().split("Published")[0]
+    assert "| D-ST ACC | D-ST ASR | D-ST ASR0 |" in table and "BD ACC" not in table and "D-BR ACC" not in table
