@@ -24,11 +24,13 @@ SOURCE_DIRS = {
     "threshold": ROOT / "results" / "cifar10_full_w16_threshold",
     # FCT by the noTrans model, no L_intra fine-tuning (--recipe full_w16_nofinetune)
     "nofinetune": ROOT / "results" / "cifar10_full_w16_nofinetune",
+    # SD steps 1-5 and D-ST without a victim (no BD or D-BR columns), each with its recipe named
+    "dst": ROOT / "results" / "cifar10_full_w16_dst",
 }
 # paper: the published numbers, as copied into a faithful report's "Published" table
 PAPER_REPORT = SOURCE_DIRS["faithful"] / "badnets.md"
 
-# README column -> (source, the report's columns in the cell's order "ACC / ASR (ASR0)")
+# README column -> (source, or sources tried in order, the report's columns in the cell's order "ACC / ASR (ASR0)")
 COLUMNS = {
     "paper BD": ("paper", ("BD ACC", "BD ASR")),
     "paper D-BR": ("paper", ("D-BR ACC", "D-BR ASR")),
@@ -37,7 +39,7 @@ COLUMNS = {
     "D-BR": ("faithful", ("D-BR ACC", "D-BR ASR", "D-BR ASR0")),
     "D-BR, threshold split": ("threshold", ("D-BR ACC", "D-BR ASR", "D-BR ASR0")),
     "D-BR, noTrans SD": ("nofinetune", ("D-BR ACC", "D-BR ASR", "D-BR ASR0")),
-    "D-ST": ("faithful", ("D-ST ACC", "D-ST ASR", "D-ST ASR0")),
+    "D-ST": (("faithful", "dst"), ("D-ST ACC", "D-ST ASR", "D-ST ASR0")),
 }
 NOT_RUN = {"—", "-", ""}
 NUMBER = r"(\d+(?:\.\d+)?)"
@@ -62,11 +64,11 @@ def rows_by_attack(header, rows):
 
 
 def report_rows(path, published):
-    """{attack: {column: value}} of a report's own table (the one with ASR0) or its published table."""
+    """{attack: {column: value}} of a report's own table (the one with ASR0 columns) or its published table."""
     for header, rows in markdown_tables(path.read_text()):
-        if header[0] != "Attack" or "BD ACC" not in header:
+        if header[0] != "Attack" or not {"BD ACC", "D-ST ACC"} & set(header):
             continue
-        if ("BD ASR0" in header) != published:
+        if any(h.endswith("ASR0") for h in header) != published:
             return rows_by_attack(header, rows)
     raise AssertionError(f"{path.relative_to(ROOT)}: no {'published' if published else 'results'} table")
 
@@ -113,7 +115,8 @@ def mismatches(text, sources):
     for attack, cells in readme_table(text).items():
         for column, (source, report_columns) in COLUMNS.items():
             cell = cells[column]
-            row = sources[source].get(attack)
+            rows = [sources[s].get(attack) for s in ((source,) if isinstance(source, str) else source)]
+            row = next((r for r in rows if has_numbers(r, report_columns)), rows[0])
             if cell in NOT_RUN:
                 if has_numbers(row, report_columns):  # a report has them: "not yet run" is stale
                     problems.append(f"{attack} / {column}: README shows '{cell}', but "
