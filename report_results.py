@@ -18,7 +18,7 @@ from utils.errors import run_main
 from utils.fct import sd_model_dir
 from utils.paths import REPO_ROOT, backdoor_dir, dataset_tag, fct_outputs, latest_checkpoint, split_dir, st_dir
 from utils.recipes import RECIPES
-from utils.st import st_run_root
+from utils.st import undefended_dir
 from utils.tables import to_markdown
 
 PAPER_CIFAR10 = {  # paper-readme.md: backdoored ACC/ASR, D-BR ACC/ASR, D-ST ACC/ASR
@@ -71,8 +71,7 @@ def collect(args, attack):
     for name, log in (("BD", bd), ("D-BR", dbr)):  # the paper's ACC: on the test images of other classes
         if log is not None and "Test_ACC_nontarget" in log:
             row[f"{name} ACC non-target"] = log["Test_ACC_nontarget"].iloc[-1]
-    undefended = argparse.Namespace(**{**vars(a), "undefended": True})   # same extractor budget, no split
-    for name, path in (("D-ST", st_dir(a)), ("undefended", st_run_root(undefended))):
+    for name, path in (("D-ST", st_dir(a)), ("undefended", undefended_dir(a))):   # same extractor budget
         log = read_csv(path / "test.csv")
         if log is not None:
             row.update(zip((f"{name} ACC", f"{name} ASR", f"{name} ASR0"), log.iloc[-1][list(cols)]))

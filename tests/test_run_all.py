@@ -39,8 +39,8 @@ def test_report_on_fake_logs(tmp_path):
     st.mkdir(parents=True)
     pd.DataFrame({"Test_ACC": [44.4], "Test_ASR": [5.5], "Test_ASR0": [5.25], "Test_ACC_nontarget": [43.5]}
                  ).to_csv(st / "test.csv", index=False)
-    from utils.st import st_run_root
-    undefended = st_run_root(argparse.Namespace(**{**vars(a), "undefended": True}))   # the baseline, no split
+    from utils.st import undefended_dir
+    undefended = undefended_dir(a)   # the baseline's run root: no split
     undefended.mkdir(parents=True)
     pd.DataFrame({"Test_ACC": [66.6], "Test_ASR": [97.75], "Test_ASR0": [6.5]}).to_csv(undefended / "test.csv",
                                                                                        index=False)

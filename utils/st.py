@@ -71,8 +71,12 @@ def prepare_args(args):
 def st_run_root(args):
     """<st_root>/poison_rate_<p>/SupCon_models/<data>/<model>/<attack>_<ac>_<ap>, or
     .../<attack>_undefended for the undefended baseline (which uses no split)."""
-    d = st_dir(args)
-    return d.with_name(f"{attack_tag(args)}_undefended") if args.undefended else d
+    return undefended_dir(args) if args.undefended else st_dir(args)
+
+
+def undefended_dir(args):
+    """The undefended baseline's run root, beside D-ST's (the same attack, data and model flags)."""
+    return st_dir(args).with_name(f"{attack_tag(args)}_undefended")
 
 
 def _num(x):
