@@ -99,6 +99,9 @@ def build_parser():
     g.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
                    help="bf16 autocast, as the step scripts' --amp (auto: on CUDA; forward-only passes and the D-ST "
                         "extractor also on a CPU with native bf16)")
+    g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile, as the step scripts' --compile (auto: the D-ST extractor on a CPU); its "
+                        "compilation falls in the untimed --warmup batches (keep --warmup >= 1 with it)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="of the weights, the batch order and the augmentation")
     g.add_argument("--batches", type=positive_int, default=20, help="timed batches per step")
     g.add_argument("--warmup", type=nonneg_int, default=3, help="untimed batches per step first")
@@ -192,7 +195,7 @@ class Bench:
     def __init__(self, args, device):
         self.args, self.device = args, device
         self.rt = make_runtime(args, device)
-        self.rt_extractor = make_runtime(args, device, native_cpu_amp=True)  # as ST/train_extractor.py
+        self.rt_extractor = make_runtime(args, device, extractor=True)  # as ST/train_extractor.py
         self.meta = describe_args(args)
         most = max(args.batches, args.warmup, 1) * 512
         self.images, self.labels, _, _ = make_synthetic(n_train=most, n_test=1)
@@ -384,7 +387,7 @@ def measure_step(b, name, sync_folder=None):
 
 def worker_command(args, device, folder, rank):
     return [sys.executable, str(Path(__file__).resolve()), "--model", args.model, "--width", str(args.width),
-            "--device", device.type, "--amp", args.amp, "--seed", str(args.seed), "--batches", str(args.batches),
+            "--device", device.type, "--amp", args.amp, "--compile", args.compile, "--seed", str(args.seed), "--batches", str(args.batches),
             "--warmup", str(args.warmup), "--jobs", str(args.jobs), "--_worker", folder, "--_rank", str(rank)]
 
 
@@ -441,7 +444,7 @@ def _per_run(counts):
 
 
 def print_report(rows, total, total_alone, k, device, args, note):
-    print(f"{args.model} width {args.width}, device {note}, amp {args.amp}, {args.batches} timed batches "
+    print(f"{args.model} width {args.width}, device {note}, amp {args.amp}, compile {args.compile}, {args.batches} timed batches "
           f"after {args.warmup} per step; projection: CIFAR-10, the {RECIPE} recipe, {len(PAPER_ATTACKS)} attacks")
     print()
     jobs = f"{k} jobs, sum" if k > 1 else "1 job"

@@ -15,13 +15,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_FLAGS = ("--dataset", "synthetic", "--width", "8", "--device", "cpu")
 # DBD_TEST_AMP=off|auto runs the tiny synthetic runs with that --amp (default auto, as the scripts)
 AMP = os.environ.get("DBD_TEST_AMP", "auto")
+# DBD_TEST_COMPILE=auto|on runs them with that --compile (default off: each tiny run would spend most of
+# its time compiling; test_training compares the compiled extractor with the plain one). The scripts
+# the tests start as subprocesses run with TorchDynamo disabled unless it is set.
+COMPILE = os.environ.get("DBD_TEST_COMPILE", "off")
 
 
 # torch threads of the tests and of the scripts they start (DBD_TEST_THREADS, default 1). The test
 # machines have 2 cores shared with other jobs: two torch threads fighting a busy neighbour were
 # measured 10x slower than one thread. The suite passes with 1 and with 2 (see README.md).
 THREADS = int(os.environ.get("DBD_TEST_THREADS", "1"))
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TQDM_DISABLE": "1"}
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TQDM_DISABLE": "1",
+                  **({"TORCHDYNAMO_DISABLE": "1"} if COMPILE == "off" else {})}
 
 
 def pytest_configure(config):
@@ -67,8 +72,9 @@ def save_root(tmp_path):
 def parse_script_args(script, save_root, *extra):
     """``script``'s parsed arguments for a tiny CPU run on synthetic data, plus ``extra`` flags."""
     parser = load_script(script).build_parser()
-    amp = ["--amp", AMP] if "--amp" in parser._option_string_actions else []  # the steps that compute
-    return parser.parse_args([*TINY_FLAGS, *amp, "--save_root", str(save_root), *map(str, extra)])
+    computes = "--amp" in parser._option_string_actions  # the steps that compute
+    run = ["--amp", AMP, "--compile", COMPILE] if computes else []
+    return parser.parse_args([*TINY_FLAGS, *run, "--save_root", str(save_root), *map(str, extra)])
 
 
 def assert_flag_refused(capsys, script, save_root, *flags, match):

@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import COMPILE, REPO_ROOT
 from utils import recipes
 from utils.args import PAPER_ATTACKS
 
-TINY = ["--width", "4", "--batches", "1", "--warmup", "1", "--device", "cpu", "--jobs", "2"]
+TINY = ["--width", "4", "--batches", "1", "--warmup", "1", "--device", "cpu", "--jobs", "2", "--compile", COMPILE]
 
 
 def _load():

@@ -4,15 +4,16 @@ import csv
 import importlib.util
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_flag_refused
+from conftest import COMPILE, assert_flag_refused
 from dataloader_bd import build_datasets
-from utils.args import describe_args, validate_args
+from utils.args import describe_args, use_compile, validate_args
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 from utils.paths import REPO_ROOT, split_dir
@@ -130,7 +131,7 @@ def test_balanced_weights_give_every_present_class_the_same_total_weight():
 # ----------------------------------------------------------------------------- scripts on synthetic data
 def _args(parser_module, tmp_path, *extra):
     common = ["--dataset", "synthetic", "--width", "4", "--device", "cpu", "--save_root", str(tmp_path / "saved"),
-              "--st_root", str(tmp_path / "st")]
+              "--st_root", str(tmp_path / "st"), "--compile", COMPILE]
     return parser_module.build_parser().parse_args(common + list(extra))
 
 
@@ -194,6 +195,27 @@ def test_same_seed_same_loss(tmp_path):
         from utils.st import extractor_dir
         losses.append(_rows(extractor_dir(args) / "log.csv")[0]["Train_Loss"])
     assert losses[0] == losses[1]
+
+
+@pytest.mark.skipif(use_compile(SimpleNamespace(compile="auto"), torch.device("cpu"), extractor=True) is False,
+                    reason="no C++ compiler: TorchInductor cannot build CPU kernels here")
+def test_compiled_extractor_follows_the_plain_loss_curve_and_saves_a_plain_checkpoint(tmp_path):
+    """--compile on against --compile off: the same seed gives the same loss curve within float noise
+    (4 steps of one batch shape), and the compiled run's checkpoint loads into the plain network."""
+    from torch._dynamo.utils import counters
+    from utils.st import extractor_dir
+    ext, curves = _script("train_extractor"), {}
+    for mode in ("off", "on"):
+        args = _args(ext, tmp_path / mode, "--epochs", "2", "--batch_size", "100", "--compile", mode)
+        _oracle_split(validate_args(args), n=200)
+        counters.clear()
+        ext.main(args)
+        assert (counters["stats"]["unique_graphs"] > 0) == (mode == "on")
+        curves[mode] = [float(r["Train_Loss"]) for r in _rows(extractor_dir(args) / "log.csv")]
+        state = torch.load(extractor_dir(args) / "last.pth", weights_only=False)["model"]
+        assert not any("_orig_mod" in k for k in state)
+        load_extractor(extractor_dir(args) / "last.pth", args)  # strict load into the plain SupConNet
+    assert curves["on"] == pytest.approx(curves["off"], rel=1e-2), curves
 
 
 def test_classifier_and_test_script_run_and_write_files(trained):

@@ -182,6 +182,25 @@ def test_inference_precision_is_separate_from_training_precision():
         assert layer(torch.ones(1, 4)).dtype == torch.bfloat16
 
 
+def test_compile_auto_is_on_for_the_extractor_on_a_cpu_with_a_compiler_only(monkeypatch):
+    """--compile auto compiles the D-ST extractor on a CPU (not the classifiers, not CUDA); --compile on
+    everywhere; on a CPU without a C++ compiler auto stays eager and on is a one-line error."""
+    from utils import args as shared
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    modes = {m: types.SimpleNamespace(compile=m) for m in ("auto", "on", "off")}
+    monkeypatch.setattr(shared, "_cxx_compiler", lambda: "/usr/bin/g++")
+    assert shared.use_compile(modes["auto"], cpu, extractor=True)
+    assert not shared.use_compile(modes["auto"], cpu) and not shared.use_compile(modes["auto"], cuda, extractor=True)
+    assert shared.use_compile(modes["on"], cpu) and shared.use_compile(modes["on"], cuda)
+    assert not shared.use_compile(modes["off"], cpu, extractor=True)
+    assert make_runtime(types.SimpleNamespace(amp="off", compile="auto"), cpu, extractor=True).compile
+    monkeypatch.setattr(shared, "_cxx_compiler", lambda: None)
+    assert not shared.use_compile(modes["auto"], cpu, extractor=True)
+    with pytest.raises(UserError, match="C\\+\\+ compiler"):
+        shared.use_compile(modes["on"], cpu)
+    assert shared.use_compile(modes["on"], cuda)  # CUDA kernels come from Triton, not a host compiler
+
+
 class Interrupted(Exception):
     """Stands for a kill at one exact point of a run."""
 

@@ -128,6 +128,10 @@ def _add_optim(p):
                    help="bf16 mixed precision (auto: on for CUDA; on a CPU with native bf16 (AMX / "
                         "AVX512-BF16) for inference, i.e. evaluation and FCT, and for the D-ST extractor's "
                         "training, both measured 2x faster there)")
+    g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile of the network's forward and backward (TorchInductor; each batch shape "
+                        "compiles once, about a minute on a 2-core CPU). auto: on for the D-ST extractor on a CPU "
+                        "with a C++ compiler, where it was measured faster (BENCHMARKS.md); off elsewhere")
 
 
 def _add_io(p):
@@ -327,6 +331,25 @@ def use_inference_amp(args, device):
     if args.amp == "auto" and device.type == "cpu":
         return cpu_has_native_bf16()
     return use_amp(args, device)
+
+
+def use_compile(args, device, extractor=False):
+    """torch.compile of the network: --compile on/off, or (auto) for the D-ST extractor on a CPU, the one
+    step measured faster compiled (its encoder has no max-pool: the fused batch-norm and ReLU kernels pay
+    there). Not under auto: the max-pool classifiers (no gain measured on a CPU) and CUDA (not measured).
+    On a CPU, TorchInductor builds C++ kernels: auto needs a C++ compiler, and on refuses to run without."""
+    mode = getattr(args, "compile", "off")
+    if mode == "auto":
+        return extractor and device.type == "cpu" and _cxx_compiler() is not None
+    if mode == "on" and device.type == "cpu" and _cxx_compiler() is None:
+        raise UserError("--compile on needs a C++ compiler on a CPU (g++, or the one $CXX names); "
+                        "install one or pass --compile off")
+    return mode == "on"
+
+
+def _cxx_compiler():
+    import shutil
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
 def cpu_has_native_bf16():

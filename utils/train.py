@@ -4,6 +4,7 @@ Scripts differ only in what they pass: the data, the augmentation, the loss (``c
 learning-rate schedule and the direction of the step (descent, or ascent for unlearning).
 """
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from dataloader_bd import build_datasets, load_raw
-from utils.args import use_amp, use_inference_amp
+from utils.args import use_amp, use_compile, use_inference_amp
 from utils.checkpoint import (ATTACK_KEYS, MODEL_KEYS, check_compatible, load_weights, model_from_checkpoint,
                               read_checkpoint, save_checkpoint)
 from utils.errors import UserError
@@ -31,6 +32,7 @@ class Runtime:
     device: torch.device
     amp: bool = False              # bf16 autocast of training steps
     inference_amp: bool = None     # ... of forward-only passes (evaluation, FCT); None: as amp
+    compile: bool = False          # torch.compile of the networks prepare_model places
 
     def __post_init__(self):
         if self.inference_amp is None:
@@ -52,13 +54,23 @@ class Runtime:
         return x.contiguous(memory_format=torch.channels_last)
 
 
-def make_runtime(args, device, native_cpu_amp=False):
-    """native_cpu_amp: see utils.args.use_amp (bf16 training on native-bf16 CPUs with --amp auto)."""
-    return Runtime(device, use_amp(args, device, native_cpu_amp), use_inference_amp(args, device))
+def make_runtime(args, device, extractor=False):
+    """extractor: the D-ST extractor's step, where --amp auto and --compile auto are also on for CPUs
+    (bf16 training on native-bf16 CPUs, and torch.compile: utils.args.use_amp and use_compile)."""
+    return Runtime(device, use_amp(args, device, extractor), use_inference_amp(args, device),
+                   use_compile(args, device, extractor))
 
 
-def prepare_model(model, rt):
-    return model.to(rt.device, memory_format=torch.channels_last)
+def prepare_model(model, rt, compile=True):
+    """The network on the device, channels-last; compiled in place where rt.compile (and ``compile``),
+    so that its state_dict, and with it every checkpoint, is the plain module's. dynamic=False: one
+    kernel set per batch shape (two per epoch: the full batches and the last one)."""
+    model = model.to(rt.device, memory_format=torch.channels_last)
+    if compile and rt.compile:
+        # on a CPU-only machine torch's C++ builder warns once that it found no CUDA runtime: not news here
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        model.compile(dynamic=False)
+    return model
 
 
 def generator(seed):
@@ -368,7 +380,7 @@ def load_attack_data(args, rt, poison=True, raw=None):
     clean_model = None
     if poison and args.trigger_type == "fourCornerTrigger":
         clean_model, _ = model_from_checkpoint(clean_model_path(args))
-        clean_model = prepare_model(clean_model, rt)
+        clean_model = prepare_model(clean_model, rt, compile=False)  # a few forward passes: not worth compiling
     return build_datasets(args, clean_model, raw=raw, poison=poison)
 
 
