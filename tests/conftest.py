@@ -16,7 +16,7 @@ TINY_FLAGS = ("--dataset", "synthetic", "--width", "8", "--device", "cpu")
 # DBD_TEST_AMP=off|auto runs the tiny synthetic runs with that --amp (default auto, as the scripts)
 AMP = os.environ.get("DBD_TEST_AMP", "auto")
 # DBD_TEST_COMPILE=auto|on runs them with that --compile (default off: each tiny run would spend most of
-# its time compiling; test_training compares the compiled extractor with the plain one). The scripts
+# its time compiling; test_st compares the compiled extractor with the plain one). The scripts
 # the tests start as subprocesses run with TorchDynamo disabled unless it is set.
 COMPILE = os.environ.get("DBD_TEST_COMPILE", "off")
 
